@@ -1,0 +1,108 @@
+"""Django admin for tasks, versions and the audit trail, with a rollback action."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils.translation import gettext_lazy as _, ngettext
+
+from .forms import ReasonForm
+from .models import ActivationEvent, AdapterVersion, ApiToken, Task
+from .services import ServiceError, task_rollback
+
+
+@admin.register(Task)
+class TaskAdmin(admin.ModelAdmin):
+    list_display = ("slug", "name", "active_version", "base_model_id", "created_at")
+    search_fields = ("slug", "name", "description")
+    readonly_fields = ("active_version", "base_model_id", "created_by", "created_at")
+    list_select_related = ("active_version",)
+
+
+@admin.register(AdapterVersion)
+class AdapterVersionAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "task", "number", "status", "is_active_display", "parent", "created_at", "ready_at")
+    list_filter = ("status", "task")
+    search_fields = ("task__slug", "sha256", "promotion_note")
+    list_select_related = ("task", "parent")
+    actions = ["rollback_to_version"]
+    # Versions are immutable once trained: every field is read-only here.
+    readonly_fields = (
+        "task", "number", "parent", "status", "hyperparameters", "base_model_id", "base_weight_hash",
+        "storage_path", "sha256", "size_bytes", "metrics", "promotion_note", "created_at", "ready_at",
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.display(description=_("active"), boolean=True)
+    def is_active_display(self, obj: AdapterVersion) -> bool:
+        return obj.is_active
+
+    @admin.action(description=_("Roll back to this version"), permissions=["change"])
+    def rollback_to_version(self, request: HttpRequest, queryset) -> HttpResponse | None:
+        versions = list(queryset.select_related("task"))
+        if len(versions) != 1:
+            self.message_user(request, _("Select exactly one version to roll back to."), messages.ERROR)
+            return None
+
+        version = versions[0]
+        form = ReasonForm(request.POST if "apply" in request.POST else None)
+        if "apply" in request.POST and form.is_valid():
+            try:
+                result = task_rollback(version, reason=form.cleaned_data["reason"], user=request.user)
+            except ServiceError as error:
+                self.message_user(request, error.message, messages.ERROR)
+            else:
+                self.message_user(request, result.message, messages.SUCCESS if result.changed else messages.INFO)
+            return None
+
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Roll back %(task)s to %(version)s") % {"task": version.task.slug, "version": version.label},
+            "version": version,
+            "current": version.task.active_version,
+            "form": form,
+            "opts": self.model._meta,
+            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/adapters_app/rollback_confirm.html", context)
+
+
+@admin.register(ActivationEvent)
+class ActivationEventAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "task", "kind", "from_version", "to_version", "actor", "reason")
+    list_filter = ("kind", "task")
+    search_fields = ("task__slug", "reason", "actor__username")
+    list_select_related = ("task", "from_version", "to_version", "actor")
+    readonly_fields = ("task", "from_version", "to_version", "kind", "actor", "reason", "created_at")
+
+    # The audit trail is append-only.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ("name", "user", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("name", "user__username", "prefix")
+    readonly_fields = ("user", "prefix", "key_hash", "created_at", "last_used_at")
+    actions = ["revoke"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description=_("Revoke selected tokens"))
+    def revoke(self, request: HttpRequest, queryset) -> None:
+        from django.utils import timezone
+
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, ngettext("%d token revoked.", "%d tokens revoked.", count) % count)

@@ -1,0 +1,121 @@
+"""JSON API for tasks and versions (`/api/v1/`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.http import HttpRequest
+from ninja import Router, Schema, Status
+
+from .models import AdapterVersion, Task
+from .services import task_create, task_get, version_activate, version_get
+
+router = Router(tags=["tasks"])
+
+
+class TaskIn(Schema):
+    slug: str
+    name: str = ""
+    description: str = ""
+
+
+class TaskOut(Schema):
+    slug: str
+    name: str
+    description: str
+    base_model: str
+    active_version: int | None
+    created_at: datetime
+
+
+class VersionOut(Schema):
+    version: int
+    status: str
+    parent: int | None
+    active: bool
+    hyperparameters: dict
+    metrics: dict
+    promotion_note: str
+    base_model: str
+    base_weight_hash: str
+    sha256: str
+    size_bytes: int | None
+    created_at: datetime
+    ready_at: datetime | None
+
+
+class ActivateIn(Schema):
+    version: int
+    reason: str
+
+
+class ActivateOut(Schema):
+    task: str
+    version: int
+    previous_version: int | None
+    changed: bool
+    message: str
+
+
+def task_out(task: Task) -> dict:
+    return {
+        "slug": task.slug,
+        "name": task.name,
+        "description": task.description,
+        "base_model": task.base_model_id,
+        "active_version": task.active_version.number if task.active_version_id else None,
+        "created_at": task.created_at,
+    }
+
+
+def version_out(version: AdapterVersion, active_id: int | None) -> dict:
+    return {
+        "version": version.number,
+        "status": version.status,
+        "parent": version.parent.number if version.parent_id else None,
+        "active": version.pk == active_id,
+        "hyperparameters": version.hyperparameters,
+        "metrics": version.metrics,
+        "promotion_note": version.promotion_note,
+        "base_model": version.base_model_id,
+        "base_weight_hash": version.base_weight_hash,
+        "sha256": version.sha256,
+        "size_bytes": version.size_bytes,
+        "created_at": version.created_at,
+        "ready_at": version.ready_at,
+    }
+
+
+@router.post("/tasks", response={201: TaskOut})
+def create_task(request: HttpRequest, payload: TaskIn):
+    task = task_create(slug=payload.slug, name=payload.name, description=payload.description, user=request.user)
+    return Status(201, task_out(task))
+
+
+@router.get("/tasks", response=list[TaskOut])
+def list_tasks(request: HttpRequest):
+    return [task_out(task) for task in Task.objects.select_related("active_version")]
+
+
+@router.get("/tasks/{slug}", response=TaskOut)
+def read_task(request: HttpRequest, slug: str):
+    return task_out(task_get(slug))
+
+
+@router.get("/tasks/{slug}/versions/{number}", response=VersionOut)
+def read_version(request: HttpRequest, slug: str, number: int):
+    task = task_get(slug)
+    return version_out(version_get(task, number), task.active_version_id)
+
+
+@router.post("/tasks/{slug}/activate", response=ActivateOut)
+def activate(request: HttpRequest, slug: str, payload: ActivateIn):
+    version = version_get(task_get(slug), payload.version)
+    result = version_activate(version, reason=payload.reason, user=request.user)
+    return {
+        "task": result.task.slug,
+        "version": result.current.number,
+        "previous_version": result.previous.number if result.previous else None,
+        "changed": result.changed,
+        "message": result.message,
+    }

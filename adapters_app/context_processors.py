@@ -1,0 +1,16 @@
+"""Template context shared by every page."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+
+from .base_model import BaseModelUnavailable, current_base_choice
+
+
+def base_model(request: HttpRequest) -> dict[str, object]:
+    """Tell every page which base model serves requests, so the tiny one is never mistaken."""
+    try:
+        choice = current_base_choice()
+    except BaseModelUnavailable as error:
+        return {"base_choice": None, "base_error": str(error)}
+    return {"base_choice": choice, "base_error": ""}

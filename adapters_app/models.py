@@ -1,0 +1,158 @@
+"""Tasks, their adapter versions, the activation audit trail and API tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+# Task slugs are also model names in the completions API (`slug` or `slug@v3`), so they
+# must not contain "@" and should read well in a URL.
+slug_validator = RegexValidator(
+    r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$",
+    _("Use 1 to 64 lowercase letters, digits or hyphens, starting and ending with a letter or digit."),
+    code="invalid_slug",
+)
+
+
+class Task(models.Model):
+    slug = models.CharField(_("slug"), max_length=64, unique=True, validators=[slug_validator])
+    name = models.CharField(_("name"), max_length=200)
+    description = models.TextField(_("description"), blank=True)
+    base_model_id = models.CharField(_("base model"), max_length=300)
+    active_version = models.ForeignKey(
+        "AdapterVersion",
+        verbose_name=_("active version"),
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+        verbose_name = _("task")
+        verbose_name_plural = _("tasks")
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class AdapterVersion(models.Model):
+    class Status(models.TextChoices):
+        TRAINING = "training", _("training")
+        READY = "ready", _("ready")
+        FAILED = "failed", _("failed")
+        CANCELLED = "cancelled", _("cancelled")
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField(_("number"))
+    parent = models.ForeignKey(
+        "self",
+        verbose_name=_("parent version"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="children",
+    )
+    status = models.CharField(
+        _("status"), max_length=16, choices=Status.choices, default=Status.TRAINING
+    )
+    hyperparameters = models.JSONField(_("hyperparameters"), default=dict, blank=True)
+    base_model_id = models.CharField(_("base model"), max_length=300, blank=True)
+    base_weight_hash = models.CharField(_("base weight hash"), max_length=64, blank=True)
+    # Relative to LORAWEB_ADAPTER_ROOT, so the adapter store can move between hosts.
+    storage_path = models.CharField(_("storage path"), max_length=500, blank=True)
+    sha256 = models.CharField(_("sha256"), max_length=64, blank=True)
+    size_bytes = models.BigIntegerField(_("size in bytes"), null=True, blank=True)
+    metrics = models.JSONField(_("metrics"), default=dict, blank=True)
+    # Why a ready version is not active (or why it was activated automatically).
+    promotion_note = models.TextField(_("promotion note"), blank=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    ready_at = models.DateTimeField(_("ready at"), null=True, blank=True)
+
+    class Meta:
+        ordering = ["task", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "number"], name="unique_version_number_per_task")
+        ]
+        verbose_name = _("adapter version")
+        verbose_name_plural = _("adapter versions")
+
+    def __str__(self) -> str:
+        return f"{self.task.slug}@v{self.number}"
+
+    @property
+    def label(self) -> str:
+        return f"v{self.number}"
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == self.Status.READY
+
+    @property
+    def is_active(self) -> bool:
+        return self.task.active_version_id == self.pk
+
+    def adapter_dir(self) -> Path:
+        return Path(settings.LORAWEB_ADAPTER_ROOT) / self.storage_path
+
+    def eval_loss(self) -> dict[str, float]:
+        return dict(self.metrics.get("eval_loss", {}))
+
+
+class ActivationEvent(models.Model):
+    class Kind(models.TextChoices):
+        AUTO = "auto", _("automatic after training")
+        ACTIVATE = "activate", _("manual activation")
+        ROLLBACK = "rollback", _("rollback")
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="activation_events")
+    from_version = models.ForeignKey(
+        AdapterVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    to_version = models.ForeignKey(
+        AdapterVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    kind = models.CharField(_("kind"), max_length=16, choices=Kind.choices)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reason = models.TextField(_("reason"))
+    created_at = models.DateTimeField(_("when"), auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        verbose_name = _("activation event")
+        verbose_name_plural = _("activation events")
+
+    def __str__(self) -> str:
+        return f"{self.task.slug}: {self.from_version or '-'} -> {self.to_version or '-'}"
+
+
+class ApiToken(models.Model):
+    """A bearer token for the JSON API. Only a sha256 of the secret is stored."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(_("name"), max_length=100)
+    prefix = models.CharField(_("prefix"), max_length=12)
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    last_used_at = models.DateTimeField(_("last used"), null=True, blank=True)
+    expires_at = models.DateTimeField(_("expires"), null=True, blank=True)
+    revoked_at = models.DateTimeField(_("revoked"), null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = _("API token")
+        verbose_name_plural = _("API tokens")
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

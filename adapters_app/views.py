@@ -1,0 +1,111 @@
+"""Dashboard, task pages and the playground. Each view calls one service and renders."""
+
+from __future__ import annotations
+
+import logging
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db.models import Prefetch
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_POST
+
+from training_app.forms import DatasetUploadForm
+from training_app.models import TrainingJob
+
+from .forms import PlaygroundForm, ReasonForm, TaskForm
+from .inference import SamplingParams, complete
+from .models import ActivationEvent, AdapterVersion, Task
+from .services import ServiceError, task_create, version_activate
+
+logger = logging.getLogger(__name__)
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    tasks = Task.objects.select_related("active_version").prefetch_related(
+        Prefetch("training_jobs", queryset=TrainingJob.objects.order_by("-created_at"))
+    )
+    rows = [{"task": task, "last_job": next(iter(task.training_jobs.all()), None)} for task in tasks]
+    form = TaskForm(request.POST or None)
+
+    if request.method == "POST" and form.is_valid():
+        try:
+            task = task_create(user=request.user, **form.cleaned_data)
+        except ServiceError as error:
+            form.add_error(None, error.message)
+        else:
+            messages.success(request, _("Task %(slug)s created. Upload a dataset to train its first version.") % {"slug": task.slug})
+            return redirect("adapters_app:task_detail", slug=task.slug)
+
+    return render(request, "adapters_app/dashboard.html", {"rows": rows, "form": form})
+
+
+@login_required
+@require_POST
+def demo_load(request: HttpRequest) -> HttpResponse:
+    from training_app.demo import demo_load_data
+
+    tasks = demo_load_data(user=request.user)
+    messages.success(
+        request,
+        _("Loaded demo tasks %(tasks)s with their datasets; open one and click “Train new version”.")
+        % {"tasks": ", ".join(task.slug for task in tasks)},
+    )
+    return redirect("adapters_app:dashboard")
+
+
+@login_required
+def task_detail(request: HttpRequest, slug: str) -> HttpResponse:
+    task = get_object_or_404(Task.objects.select_related("active_version"), slug=slug)
+    versions = task.versions.select_related("parent", "training_job").order_by("-number")
+    context = {
+        "task": task,
+        "versions": versions,
+        "datasets": task.datasets.order_by("-created_at"),
+        "jobs": task.training_jobs.select_related("version")[:10],
+        "events": ActivationEvent.objects.filter(task=task).select_related("from_version", "to_version", "actor")[:20],
+        "upload_form": DatasetUploadForm(),
+        "reason_form": ReasonForm(),
+    }
+    return render(request, "adapters_app/task_detail.html", context)
+
+
+@login_required
+@require_POST
+def version_activate_view(request: HttpRequest, slug: str, number: int) -> HttpResponse:
+    version = get_object_or_404(AdapterVersion.objects.select_related("task"), task__slug=slug, number=number)
+    form = ReasonForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, _("Give a reason for the activation; it is kept in the audit trail."))
+        return redirect("adapters_app:task_detail", slug=slug)
+
+    try:
+        result = version_activate(version, reason=form.cleaned_data["reason"], user=request.user)
+    except ServiceError as error:
+        messages.error(request, error.message)
+    else:
+        (messages.success if result.changed else messages.info)(request, result.message)
+    return redirect("adapters_app:task_detail", slug=slug)
+
+
+@login_required
+def playground(request: HttpRequest) -> HttpResponse:
+    initial = {"task": request.GET.get("task")} if request.GET.get("task") else None
+    form = PlaygroundForm(request.POST or None, initial=initial)
+    completion = None
+
+    if request.method == "POST" and form.is_valid():
+        params = SamplingParams(
+            max_tokens=form.cleaned_data["max_tokens"],
+            temperature=form.cleaned_data["temperature"],
+            top_p=form.cleaned_data["top_p"],
+        )
+        try:
+            completion = complete(form.model_name(), form.cleaned_data["prompt"], params)
+        except ServiceError as error:
+            form.add_error(None, error.message)
+
+    return render(request, "adapters_app/playground.html", {"form": form, "completion": completion})

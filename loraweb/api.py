@@ -1,0 +1,88 @@
+"""The two JSON APIs: loraweb's own under /api/v1/ and the OpenAI-compatible one under /v1/."""
+
+from __future__ import annotations
+
+import logging
+
+from django.http import HttpRequest, HttpResponse
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, ValidationError
+
+from adapters_app.api import router as adapters_router
+from adapters_app.openai_api import router as openai_router
+from adapters_app.services import ServiceError
+from training_app.api import router as training_router
+from training_app.services import DatasetRejected
+
+from .api_auth import API_AUTH
+
+logger = logging.getLogger(__name__)
+
+api = NinjaAPI(
+    title="loraweb API",
+    version="1",
+    urls_namespace="api_v1",
+    auth=API_AUTH,
+    docs_url=None,
+)
+api.add_router("/", adapters_router)
+api.add_router("/", training_router)
+
+
+def _validation_errors(exc: ValidationError) -> list[dict]:
+    errors = []
+    for error in exc.errors:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "payload"))
+        errors.append({"line": None, "code": error.get("type", "invalid"), "message": f"{location}: {error.get('msg')}"})
+    return errors
+
+
+@api.exception_handler(DatasetRejected)
+def dataset_rejected(request: HttpRequest, exc: DatasetRejected) -> HttpResponse:
+    return api.create_response(
+        request, {"errors": exc.as_list(), "total": exc.total, "message": exc.message}, status=400
+    )
+
+
+@api.exception_handler(ServiceError)
+def service_error(request: HttpRequest, exc: ServiceError) -> HttpResponse:
+    return api.create_response(
+        request, {"errors": [{"line": None, "code": exc.code, "message": exc.message}]}, status=exc.status_code
+    )
+
+
+@api.exception_handler(ValidationError)
+def validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    return api.create_response(request, {"errors": _validation_errors(exc)}, status=400)
+
+
+openai_api = NinjaAPI(
+    title="loraweb OpenAI-compatible API",
+    version="1",
+    urls_namespace="openai_v1",
+    auth=API_AUTH,
+    docs_url=None,
+)
+openai_api.add_router("/", openai_router)
+
+
+def _openai_error(request: HttpRequest, message: str, code: str, status: int, kind: str = "invalid_request_error"):
+    return openai_api.create_response(
+        request, {"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status
+    )
+
+
+@openai_api.exception_handler(ServiceError)
+def openai_service_error(request: HttpRequest, exc: ServiceError) -> HttpResponse:
+    return _openai_error(request, exc.message, exc.code, exc.status_code)
+
+
+@openai_api.exception_handler(ValidationError)
+def openai_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    message = "; ".join(error["message"] for error in _validation_errors(exc))
+    return _openai_error(request, message, "invalid_request", 400)
+
+
+@openai_api.exception_handler(AuthenticationError)
+def openai_auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    return _openai_error(request, "Missing or invalid API token; send Authorization: Bearer <token>.", "invalid_api_key", 401, "authentication_error")

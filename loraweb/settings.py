@@ -1,0 +1,177 @@
+"""Settings for loraweb, read from environment variables (see docs/operations.md).
+
+With no variable set the project runs on SQLite and keeps every file under `var/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.utils.translation import gettext_lazy as _
+
+from .env import ImproperSetting, env_bool, env_float, env_int, env_list, env_path, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = env_path("LORAWEB_VAR_DIR", BASE_DIR / "var")
+
+DEBUG = env_bool("LORAWEB_DEBUG", False)
+SECRET_KEY = env_str("LORAWEB_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("LORAWEB_PRODUCTION", False):
+        raise ImproperSetting("LORAWEB_SECRET_KEY must be set when LORAWEB_PRODUCTION is on")
+    # A local-only key so `make run` works with no configuration; production sets its own.
+    SECRET_KEY = "loraweb-local-development-key-not-for-production"
+
+ALLOWED_HOSTS = env_list("LORAWEB_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "adapters_app",
+    "training_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "loraweb.urls"
+WSGI_APPLICATION = "loraweb.wsgi.application"
+ASGI_APPLICATION = "loraweb.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.template.context_processors.i18n",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "adapters_app.context_processors.base_model",
+            ],
+        },
+    },
+]
+
+# Database: SQLite under var/ unless DATABASE_URL names another one (Postgres in production).
+DATABASE_URL = env_str("DATABASE_URL", "")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+else:
+    SQLITE_PATH = env_path("LORAWEB_SQLITE_PATH", VAR_DIR / "loraweb.sqlite3")
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": SQLITE_PATH,
+            "OPTIONS": {
+                # The web server and the worker write at the same time: WAL lets readers
+                # continue during a write, and the timeout makes writers wait, not fail.
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            # A file, not memory, so the Celery worker started by the tests sees the same data.
+            "TEST": {"NAME": env_path("LORAWEB_SQLITE_TEST_PATH", VAR_DIR / "test" / "loraweb-test.sqlite3")},
+        }
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "adapters_app:dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", _("English")), ("zh-hans", _("Simplified Chinese"))]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+USE_I18N = True
+TIME_ZONE = env_str("LORAWEB_TIME_ZONE", "UTC")
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+# Static files are served straight from the source folders, so running the product needs
+# no collectstatic step. Production sets LORAWEB_STATIC_ROOT and runs collectstatic.
+STATIC_ROOT = env_path("LORAWEB_STATIC_ROOT", Path()) if env_str("LORAWEB_STATIC_ROOT", "") else None
+WHITENOISE_USE_FINDERS = STATIC_ROOT is None
+MEDIA_ROOT = env_path("LORAWEB_MEDIA_ROOT", VAR_DIR / "media")
+MEDIA_URL = "media/"
+
+# Uploads above this size are streamed to a temporary file instead of held in memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+LORAWEB_MAX_UPLOAD_BYTES = env_int("LORAWEB_MAX_UPLOAD_BYTES", 200 * 1024 * 1024, minimum=1)
+
+# Base model: a Hugging Face id (local cache, else the hub) or a local directory.
+LORAWEB_BASE_MODEL = env_str("LORAWEB_BASE_MODEL", "gpt2")
+# Where `prepare_base_model` builds the tiny offline GPT-2 when the configured base is missing.
+LORAWEB_TINY_MODEL_DIR = env_path("LORAWEB_TINY_MODEL_DIR", VAR_DIR / "models" / "tiny-gpt2")
+LORAWEB_DEVICE = env_str("LORAWEB_DEVICE", "cpu")
+LORAWEB_TORCH_THREADS = env_int("LORAWEB_TORCH_THREADS", 0, minimum=0)
+
+# Adapter cache of each serving process.
+LORAWEB_ADAPTER_CACHE_MAX_ADAPTERS = env_int("LORAWEB_ADAPTER_CACHE_MAX_ADAPTERS", 32, minimum=1)
+LORAWEB_ADAPTER_CACHE_MAX_BYTES = env_int(
+    "LORAWEB_ADAPTER_CACHE_MAX_BYTES", 512 * 1024 * 1024, minimum=1
+)
+
+LORAWEB_MAX_NEW_TOKENS = env_int("LORAWEB_MAX_NEW_TOKENS", 256, minimum=1)
+LORAWEB_ADAPTER_ROOT = env_path("LORAWEB_ADAPTER_ROOT", VAR_DIR / "adapters")
+
+# Training jobs: a job whose heartbeat is older than this is marked failed by the sweeper.
+LORAWEB_JOB_HEARTBEAT_TIMEOUT = env_int("LORAWEB_JOB_HEARTBEAT_TIMEOUT", 300, minimum=10)
+LORAWEB_JOB_TIME_LIMIT = env_int("LORAWEB_JOB_TIME_LIMIT", 6 * 3600, minimum=60)
+
+# Celery with Redis as broker and result store.
+LORAWEB_REDIS_URL = env_str("LORAWEB_REDIS_URL", "redis://127.0.0.1:6379/0")
+CELERY_BROKER_URL = LORAWEB_REDIS_URL
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_TIME_LIMIT = LORAWEB_JOB_TIME_LIMIT
+# Redis redelivers an unacknowledged message after this timeout; it must exceed the
+# longest job or a running job would be delivered to a second worker.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": LORAWEB_JOB_TIME_LIMIT + 3600}
+CELERY_TASK_DEFAULT_QUEUE = env_str("LORAWEB_CELERY_QUEUE", "loraweb")
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_ALWAYS_EAGER = env_bool("LORAWEB_CELERY_EAGER", False)
+CELERY_BEAT_SCHEDULE = {
+    "sweep-stale-jobs": {"task": "training_app.tasks.sweep_stale_jobs", "schedule": 60.0},
+}
+
+LORAWEB_EVAL_IMPROVEMENT = env_float("LORAWEB_EVAL_IMPROVEMENT", 0.0)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LORAWEB_LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

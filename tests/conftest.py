@@ -1,0 +1,33 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+# The tiny base is deterministic, so one copy per checkout serves every test run.
+TINY_BASE_DIR = Path(os.environ.get("LORAWEB_TEST_BASE_DIR", REPO_ROOT / "var" / "test" / "tiny-gpt2"))
+(REPO_ROOT / "var" / "test").mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir() -> Path:
+    """Path of a tiny GPT-2 (random weights, real tokenizer), built on first use."""
+    from adapters_app.serving.base import build_tiny_gpt2, is_tiny_model_dir
+
+    if not is_tiny_model_dir(TINY_BASE_DIR):
+        build_tiny_gpt2(TINY_BASE_DIR)
+    return TINY_BASE_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """Folder of real public datasets kept beside the repository; tests skip without it."""
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATASETS}")
+    return SHARED_DATASETS

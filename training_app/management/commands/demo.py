@@ -1,0 +1,26 @@
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from training_app.demo import DemoError, demo_run, format_report
+
+
+class Command(BaseCommand):
+    help = (
+        "Run the demo scenario through the running Celery worker: train spell-digits on A1, "
+        "reverse-words on B1, retrain spell-digits on A2 from its active version, and print "
+        "losses, exact-match accuracy and the checks."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--timeout", type=float, default=1800, help="Seconds to wait for each job (default 1800).")
+
+    def handle(self, *args, timeout: float, **options):
+        user = get_user_model().objects.filter(is_superuser=True).order_by("pk").first()
+        try:
+            result = demo_run(user=user, report=self.stdout.write, timeout=timeout)
+        except DemoError as error:
+            raise CommandError(str(error)) from error
+        self.stdout.write("")
+        self.stdout.write(format_report(result))
+        if not result.b_unchanged or result.base_hash_before != result.base_hash_after:
+            raise CommandError("a demo check failed; see the table above")
