@@ -95,6 +95,7 @@ def complete(
     on_token: Callable[[str], None] | None = None,
 ) -> Completion:
     """Generate a completion for `model` (`slug` or `slug@vN`) with the adapter it resolves to."""
+    from .serving.adapters import AdapterError
     from .serving.engine import GenerationError, GenerationRequest
 
     if params.max_tokens > settings.LORAWEB_MAX_NEW_TOKENS:
@@ -132,6 +133,14 @@ def complete(
         result = engine.generate_one(request)
     except GenerationError as error:
         raise ServiceError(str(error), code="invalid_generation_request") from error
+    except AdapterError as error:
+        # Never fall back to the bare base: the caller asked for this adapter.
+        logger.error("Adapter of %s@%s rejected: %s", task.slug, version.label if version else "base", error)
+        raise ServiceError(
+            _("The adapter of %(version)s could not be loaded: %(error)s") % {"version": version.label if version else "-", "error": error},
+            code="adapter_invalid",
+            status_code=500,
+        ) from error
 
     logger.info(
         "Completed %s for task %s version %s: %d tokens, cache %s",

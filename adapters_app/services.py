@@ -50,7 +50,7 @@ def task_create(*, slug: str, name: str, description: str = "", user: AbstractBa
         created_by=user if user is not None and user.is_authenticated else None,
     )
     try:
-        task.full_clean()
+        task.full_clean(exclude=["active_version"], validate_unique=False)
     except ValidationError as error:
         messages = [f"{field}: {' '.join(errors)}" for field, errors in error.message_dict.items()]
         raise ServiceError("; ".join(messages), code="invalid_task") from error

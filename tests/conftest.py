@@ -18,9 +18,9 @@ TINY_BASE_DIR = Path(os.environ.get("LORAWEB_TEST_BASE_DIR", REPO_ROOT / "var" /
 @pytest.fixture(scope="session")
 def tiny_base_dir() -> Path:
     """Path of a tiny GPT-2 (random weights, real tokenizer), built on first use."""
-    from adapters_app.serving.base import build_tiny_gpt2, is_tiny_model_dir
+    from adapters_app.serving.base import build_tiny_gpt2, is_current_tiny_model_dir
 
-    if not is_tiny_model_dir(TINY_BASE_DIR):
+    if not is_current_tiny_model_dir(TINY_BASE_DIR):
         build_tiny_gpt2(TINY_BASE_DIR)
     return TINY_BASE_DIR
 

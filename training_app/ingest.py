@@ -20,86 +20,92 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+
+def gettext_noop(message: str) -> str:
+    # Only marks the string for the translation catalog, and messages.py translates it at run time.
+    return message
+
+
 # English message templates by problem code. The parameters of each template are exactly the
 # keys of `Problem.params` for that code, and the web layer wraps these strings in gettext.
 # `line` is a 1-based physical line number. The `error` parameter of `invalid_json` and
 # `invalid_csv` is the English text of the Python parser's exception and is not translated.
 MESSAGE_TEMPLATES: dict[str, str] = {
     # Whole file.
-    "unsupported_extension": (
+    "unsupported_extension": gettext_noop(
         'Cannot read "%(name)s": the file name must end in .jsonl, .csv or .txt.'
     ),
-    "empty_file": (
+    "empty_file": gettext_noop(
         "The file contains no examples; upload a file with at least one non-blank line."
     ),
-    "too_few_examples": (
+    "too_few_examples": gettext_noop(
         "The file has too few examples for training (%(count)s, at least %(minimum)s "
         "needed); add more examples."
     ),
     # Bytes and encoding, in every format.
-    "utf16_encoding": (
+    "utf16_encoding": gettext_noop(
         "Line %(line)s: the file is saved as UTF-16; save it as UTF-8 and upload it again."
     ),
-    "invalid_encoding": (
+    "invalid_encoding": gettext_noop(
         "Line %(line)s, column %(column)s: the byte %(byte)s is not valid UTF-8; "
         "save the file as UTF-8 and upload it again."
     ),
-    "nul_byte": (
+    "nul_byte": gettext_noop(
         "Line %(line)s contains a NUL byte, so the file looks binary; "
         "upload a text file saved as UTF-8."
     ),
     # JSONL.
-    "invalid_json": (
+    "invalid_json": gettext_noop(
         "Line %(line)s is not valid JSON (%(error)s at column %(column)s); "
         "write each example as one JSON object on a single line."
     ),
-    "not_an_object": (
+    "not_an_object": gettext_noop(
         "Line %(line)s contains a JSON %(type)s, not an object; each line needs an object "
         'such as {"prompt": "...", "completion": "..."}.'
     ),
-    "unknown_keys": (
+    "unknown_keys": gettext_noop(
         "Line %(line)s: the object has the keys %(keys)s; "
         'each JSON line needs "prompt" and "completion", or "text".'
     ),
-    "missing_key": (
+    "missing_key": gettext_noop(
         'Line %(line)s: the key "%(key)s" is missing; '
         'each JSON line needs "prompt" and "completion", or "text".'
     ),
-    "conflicting_keys": (
+    "conflicting_keys": gettext_noop(
         'Line %(line)s has both "text" and "prompt" or "completion"; '
         'use either "text" alone or "prompt" with "completion".'
     ),
-    "mixed_formats": (
+    "mixed_formats": gettext_noop(
         "Line %(line)s uses %(shape)s but line %(first_line)s uses %(first_shape)s; "
         "use the same keys on every line of the file."
     ),
-    "non_string_value": (
+    "non_string_value": gettext_noop(
         'Line %(line)s: the value of "%(key)s" is a JSON %(type)s; '
         "write it as a string in double quotes."
     ),
     # JSONL and CSV.
-    "empty_field": (
+    "empty_field": gettext_noop(
         'Line %(line)s: "%(field)s" is empty or only whitespace; '
         "fill it in or remove the example."
     ),
     # CSV.
-    "unknown_header": (
+    "unknown_header": gettext_noop(
         'Line %(line)s: the header "%(header)s" is not recognized; the first line must name '
         "the columns prompt,completion or source,target or text."
     ),
-    "wrong_field_count": (
+    "wrong_field_count": gettext_noop(
         "Line %(line)s: expected %(expected)s fields as in the header, found %(found)s; "
         'put double quotes around any field that contains a comma, for example "a, b".'
     ),
-    "unclosed_quote": (
+    "unclosed_quote": gettext_noop(
         "Line %(line)s: a quoted field is never closed; add the closing double quote, "
         'and write a double quote inside a quoted field as two ("").'
     ),
-    "field_too_large": (
+    "field_too_large": gettext_noop(
         "Line %(line)s: a field is longer than %(limit)s characters, often because a closing "
         "double quote is missing; check the quotes from this line on."
     ),
-    "invalid_csv": (
+    "invalid_csv": gettext_noop(
         "Line %(line)s is not valid CSV (%(error)s); check the double quotes on this line."
     ),
 }

@@ -56,10 +56,10 @@ class Command(BaseCommand):
         return BaseChoice(requested, requested, False, f"Base model: {requested} (downloaded to the Hugging Face cache)")
 
     def _tiny(self, requested: str) -> BaseChoice:
-        from adapters_app.serving.base import build_tiny_gpt2, is_tiny_model_dir
+        from adapters_app.serving.base import build_tiny_gpt2, is_current_tiny_model_dir
 
         folder = Path(settings.LORAWEB_TINY_MODEL_DIR)
-        if not is_tiny_model_dir(folder):
+        if not is_current_tiny_model_dir(folder):
             build_tiny_gpt2(folder)
         note = (
             f"Base model {requested!r} could not be loaded (not cached, no network); using the tiny offline "
