@@ -14,6 +14,7 @@ import uuid
 from typing import Iterator
 
 from django.http import HttpRequest, StreamingHttpResponse
+from django.utils.translation import gettext as _
 from ninja import Router, Schema
 from pydantic import Field
 
@@ -55,7 +56,7 @@ def _prompt(payload: CompletionIn) -> str:
         return payload.prompt
     if len(payload.prompt) != 1:
         raise ServiceError(
-            f"prompt is a list of {len(payload.prompt)} strings; send one prompt per request.",
+            _("prompt is a list of %(count)s strings; send one prompt per request.") % {"count": len(payload.prompt)},
             code="multiple_prompts",
         )
     return payload.prompt[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.http import HttpRequest
+from django.utils.translation import gettext as _
 from ninja import File, Router, Schema, Status
 from ninja.files import UploadedFile
 
@@ -109,7 +110,7 @@ def job_out(job: TrainingJob) -> dict:
 def _job(job_id: int) -> TrainingJob:
     job = TrainingJob.objects.select_related("task", "version", "warm_start_from").filter(pk=job_id).first()
     if job is None:
-        raise NotFound(f"No training job with id {job_id}.", code="job_not_found")
+        raise NotFound(_("No training job with id %(id)s.") % {"id": job_id}, code="job_not_found")
     return job
 
 
