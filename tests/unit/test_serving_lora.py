@@ -13,8 +13,10 @@ from adapters_app.serving.base import BaseModel, load_base_model, state_dict_has
 from adapters_app.serving.lora import MultiLoraHooks, build_batch_plan
 from tests.unit.test_serving_adapters import save_lora_adapter
 
-# Float32 on CPU: the hooks and PEFT run the same products with different matmul kernels.
-ATOL = 1e-5
+# Float32 on CPU: the hooks and PEFT run the same products with different matmul kernels,
+# and the tiny base's logits reach magnitudes near 10, so the bound has a relative part.
+ATOL = 1e-4
+RTOL = 1e-5
 SEQUENCE_LENGTH = 7
 
 # Different ranks and target modules, so a mixed batch pads ranks and leaves some modules
@@ -100,8 +102,8 @@ def test_lora_matches_peft(
     # Rows 0 and 2 use the adapter, row 1 runs the bare base.
     logits = run_with_plan(tiny_base, hooks, [adapters[name], None, adapters[name]], input_ids)
 
-    assert torch.allclose(logits[0], expected[0], atol=ATOL, rtol=0)
-    assert torch.allclose(logits[2], expected[2], atol=ATOL, rtol=0)
+    assert torch.allclose(logits[0], expected[0], atol=ATOL, rtol=RTOL)
+    assert torch.allclose(logits[2], expected[2], atol=ATOL, rtol=RTOL)
     assert torch.equal(logits[1], base_logits[1])
     assert not torch.allclose(logits[0], base_logits[0], atol=1e-2), "the adapter changed nothing"
 
@@ -124,7 +126,7 @@ def test_lora_matches_peft_with_rank_pattern(
 
     logits = run_with_plan(tiny_base, hooks, [adapter, adapter], input_ids)
 
-    assert torch.allclose(logits, peft_logits(tiny_base_dir, folder, input_ids), atol=ATOL, rtol=0)
+    assert torch.allclose(logits, peft_logits(tiny_base_dir, folder, input_ids), atol=ATOL, rtol=RTOL)
 
 
 def test_mixed_batch_matches_each_alone(
@@ -144,7 +146,7 @@ def test_mixed_batch_matches_each_alone(
             assert torch.equal(batched[row], base_batched[row]), f"base row {row} changed"
         else:
             alone = run_with_plan(tiny_base, hooks, [adapter], row_ids)
-        assert torch.allclose(batched[row], alone[0], atol=ATOL, rtol=0), f"row {row}"
+        assert torch.allclose(batched[row], alone[0], atol=ATOL, rtol=RTOL), f"row {row}"
 
 
 def test_plan_pads_ranks_and_skips_untargeted_rows(adapters: dict[str, LoadedAdapter]) -> None:
