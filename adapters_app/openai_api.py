@@ -40,7 +40,12 @@ class CompletionIn(Schema):
 
 
 def _params(payload: CompletionIn) -> SamplingParams:
-    stop = payload.stop if isinstance(payload.stop, list) else ([payload.stop] if payload.stop else [])
+    if isinstance(payload.stop, list):
+        stop = payload.stop
+    elif payload.stop:
+        stop = [payload.stop]
+    else:
+        stop = []
     return SamplingParams(
         max_tokens=payload.max_tokens,
         temperature=payload.temperature,

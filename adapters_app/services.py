@@ -186,7 +186,7 @@ def model_name_resolve(model: str) -> tuple[Task, AdapterVersion | None]:
 
     Without `@vN` the task's active version is read now, at admission, so a rollback
     applies to every request admitted after it. A task with no active version is served
-    by the bare base, and the result says so.
+    by the bare base, and the returned version is None.
     """
     match = MODEL_NAME_PATTERN.match(model.strip())
     if match is None:

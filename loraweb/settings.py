@@ -86,7 +86,7 @@ else:
                 "transaction_mode": "IMMEDIATE",
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
-            # A file, not memory, so the Celery worker started by the tests sees the same data.
+            # A file, not memory, so the Celery worker started by the tests reads the same data.
             "TEST": {"NAME": env_path("LORAWEB_SQLITE_TEST_PATH", VAR_DIR / "test" / "loraweb-test.sqlite3")},
         }
     }
@@ -127,7 +127,7 @@ LORAWEB_MAX_UPLOAD_BYTES = env_int("LORAWEB_MAX_UPLOAD_BYTES", 200 * 1024 * 1024
 
 # Base model: a Hugging Face id (local cache, else the hub) or a local directory.
 LORAWEB_BASE_MODEL = env_str("LORAWEB_BASE_MODEL", "gpt2")
-# Where `prepare_base_model` builds the tiny offline GPT-2 when the configured base is missing.
+# Folder in which `prepare_base_model` builds the tiny offline GPT-2 when the configured base is missing.
 LORAWEB_TINY_MODEL_DIR = env_path("LORAWEB_TINY_MODEL_DIR", VAR_DIR / "models" / "tiny-gpt2")
 LORAWEB_DEVICE = env_str("LORAWEB_DEVICE", "cpu")
 LORAWEB_TORCH_THREADS = env_int("LORAWEB_TORCH_THREADS", 0, minimum=0)

@@ -10,7 +10,7 @@ from adapters_app.services import ServiceError, task_rollback, version_activate,
 pytestmark = pytest.mark.django_db
 
 
-def ready_version(task, number_hint: str = "") -> AdapterVersion:
+def ready_version(task) -> AdapterVersion:
     version = version_allocate(task, parent=None, hyperparameters={})
     version.status = AdapterVersion.Status.READY
     version.save(update_fields=["status"])
