@@ -87,17 +87,22 @@ def version_key(version: AdapterVersion) -> str:
     return f"version-{version.pk}"
 
 
-def complete(
-    model: str,
-    prompt: str,
-    params: SamplingParams,
-    *,
-    on_token: Callable[[str], None] | None = None,
-) -> Completion:
-    """Generate a completion for `model` (`slug` or `slug@vN`) with the adapter it resolves to."""
-    from .serving.adapters import AdapterError
-    from .serving.engine import GenerationError, GenerationRequest
+@dataclass(frozen=True)
+class Admission:
+    """A request whose task and version were resolved when it was admitted."""
 
+    model: str
+    task: Task
+    version: AdapterVersion | None
+    params: SamplingParams
+
+
+def admit(model: str, params: SamplingParams) -> Admission:
+    """Check limits and resolve `model` (`slug` or `slug@vN`) to the version that will answer.
+
+    This is the only step that reads the database, so a rollback committed before it
+    applies to this request, and generation itself may run on another thread.
+    """
     if params.max_tokens > settings.LORAWEB_MAX_NEW_TOKENS:
         raise ServiceError(
             _("max_tokens is %(value)s but this server allows at most %(limit)s; ask for fewer tokens.")
@@ -107,7 +112,6 @@ def complete(
 
     task, version = model_name_resolve(model)
     engine = get_engine()
-
     if version is not None and version.base_weight_hash and version.base_weight_hash != engine.base.weight_hash:
         raise ServiceError(
             _("%(version)s of %(task)s was trained on a different base model than the one loaded; retrain it on this base.")
@@ -115,7 +119,15 @@ def complete(
             code="base_mismatch",
             status_code=409,
         )
+    return Admission(model=model, task=task, version=version, params=params)
 
+
+def generate(admission: Admission, prompt: str, *, on_token: Callable[[str], None] | None = None) -> Completion:
+    """Generate a completion for an admitted request with the adapter of its version."""
+    from .serving.adapters import AdapterError
+    from .serving.engine import GenerationError, GenerationRequest
+
+    task, version, params = admission.task, admission.version, admission.params
     request = GenerationRequest(
         prompt=prompt,
         adapter_key=version_key(version) if version is not None else None,
@@ -130,24 +142,36 @@ def complete(
         on_token=on_token,
     )
     try:
-        result = engine.generate_one(request)
+        result = get_engine().generate_one(request)
     except GenerationError as error:
         raise ServiceError(str(error), code="invalid_generation_request") from error
     except AdapterError as error:
         # Never fall back to the bare base: the caller asked for this adapter.
-        logger.error("Adapter of %s@%s rejected: %s", task.slug, version.label if version else "base", error)
+        label = version.label if version else "base"
+        logger.error("Adapter of %s %s rejected: %s", task.slug, label, error)
         raise ServiceError(
-            _("The adapter of %(version)s could not be loaded: %(error)s") % {"version": version.label if version else "-", "error": error},
+            _("The adapter of %(version)s could not be loaded: %(error)s") % {"version": label, "error": error},
             code="adapter_invalid",
             status_code=500,
         ) from error
 
     logger.info(
         "Completed %s for task %s version %s: %d tokens, cache %s",
-        model,
+        admission.model,
         task.slug,
         version.label if version else "base",
         result.completion_tokens,
         "hit" if result.cache_hit else "miss",
     )
     return Completion(task=task, version=version, result=result)
+
+
+def complete(
+    model: str,
+    prompt: str,
+    params: SamplingParams,
+    *,
+    on_token: Callable[[str], None] | None = None,
+) -> Completion:
+    """Admit and generate in one call, for callers that do not stream."""
+    return generate(admit(model, params), prompt, on_token=on_token)

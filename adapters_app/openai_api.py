@@ -18,7 +18,7 @@ from django.utils.translation import gettext as _
 from ninja import Router, Schema
 from pydantic import Field
 
-from .inference import Completion, SamplingParams, complete
+from .inference import Admission, Completion, SamplingParams, admit, complete, generate
 from .models import Task
 from .services import ServiceError
 
@@ -83,7 +83,8 @@ def create_completion(request: HttpRequest, payload: CompletionIn):
     prompt = _prompt(payload)
     params = _params(payload)
     if payload.stream:
-        return _stream(payload.model, prompt, params)
+        # Admission errors (unknown model, limits) still get a plain HTTP error status.
+        return _stream(admit(payload.model, params), prompt)
 
     completion = complete(payload.model, prompt, params)
     result = completion.result
@@ -105,7 +106,7 @@ def create_completion(request: HttpRequest, payload: CompletionIn):
 _DONE = object()
 
 
-def _stream(model: str, prompt: str, params: SamplingParams) -> StreamingHttpResponse:
+def _stream(admission: Admission, prompt: str) -> StreamingHttpResponse:
     """Stream server-sent events while a background thread generates."""
     pieces: queue.Queue = queue.Queue()
     completion_id = f"cmpl-{uuid.uuid4().hex}"
@@ -113,7 +114,7 @@ def _stream(model: str, prompt: str, params: SamplingParams) -> StreamingHttpRes
 
     def produce() -> None:
         try:
-            pieces.put(complete(model, prompt, params, on_token=pieces.put))
+            pieces.put(generate(admission, prompt, on_token=pieces.put))
         except ServiceError as error:
             pieces.put(error)
         finally:
@@ -124,7 +125,7 @@ def _stream(model: str, prompt: str, params: SamplingParams) -> StreamingHttpRes
             "id": completion_id,
             "object": "text_completion",
             "created": created,
-            "model": model,
+            "model": admission.model,
             "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
         }
         if extras is not None:
