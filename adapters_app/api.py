@@ -76,7 +76,7 @@ def version_out(version: AdapterVersion, active_id: int | None) -> dict:
         "active": version.pk == active_id,
         "hyperparameters": version.hyperparameters,
         "metrics": version.metrics,
-        "promotion_note": version.promotion_note,
+        "promotion_note": version.promotion_message(),
         "base_model": version.base_model_id,
         "base_weight_hash": version.base_weight_hash,
         "sha256": version.sha256,

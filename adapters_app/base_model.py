@@ -19,6 +19,7 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 TINY_MARKER = "loraweb_tiny.json"
+TINY_MODEL_ID = "loraweb/tiny-gpt2-offline"
 
 
 class BaseModelUnavailable(RuntimeError):
@@ -35,8 +36,9 @@ class BaseChoice:
     note: str = ""
 
     @property
-    def display_name(self) -> str:
-        return "tiny GPT-2 (offline)" if self.is_tiny else self.path
+    def model_id(self) -> str:
+        """Name recorded on tasks and versions: the configured id, or the tiny fallback's own."""
+        return TINY_MODEL_ID if self.is_tiny else self.requested
 
 
 def choice_file() -> Path:

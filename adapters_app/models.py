@@ -73,8 +73,10 @@ class AdapterVersion(models.Model):
     sha256 = models.CharField(_("sha256"), max_length=64, blank=True)
     size_bytes = models.BigIntegerField(_("size in bytes"), null=True, blank=True)
     metrics = models.JSONField(_("metrics"), default=dict, blank=True)
-    # Why a ready version is not active (or why it was activated automatically).
+    # Why a ready version is not active (or why it was activated automatically): the
+    # English text for search and the API, and the code and parameters for display.
     promotion_note = models.TextField(_("promotion note"), blank=True)
+    promotion = models.JSONField(_("promotion decision"), default=dict, blank=True)
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     ready_at = models.DateTimeField(_("ready at"), null=True, blank=True)
 
@@ -106,6 +108,14 @@ class AdapterVersion(models.Model):
 
     def eval_loss(self) -> dict[str, float]:
         return dict(self.metrics.get("eval_loss", {}))
+
+    def promotion_message(self) -> str:
+        """The promotion note in the active language."""
+        from .messages import PROMOTION_MESSAGES, render_message
+
+        if not self.promotion.get("code"):
+            return self.promotion_note
+        return render_message(PROMOTION_MESSAGES, self.promotion["code"], self.promotion.get("params", {}))
 
 
 class ActivationEvent(models.Model):

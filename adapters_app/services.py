@@ -46,7 +46,7 @@ def task_create(*, slug: str, name: str, description: str = "", user: AbstractBa
         slug=slug.strip(),
         name=name.strip() or slug.strip(),
         description=description.strip(),
-        base_model_id=current_base_choice().requested,
+        base_model_id=current_base_choice().model_id,
         created_by=user if user is not None and user.is_authenticated else None,
     )
     try:

@@ -60,13 +60,26 @@ def demo_load(request: HttpRequest) -> HttpResponse:
 @login_required
 def task_detail(request: HttpRequest, slug: str) -> HttpResponse:
     task = get_object_or_404(Task.objects.select_related("active_version"), slug=slug)
-    versions = task.versions.select_related("parent", "training_job").order_by("-number")
+    versions = list(task.versions.select_related("parent", "training_job").order_by("-number"))
+    dataset_names = {f"dataset-{pk}": name for pk, name in task.datasets.values_list("pk", "original_name")}
+    for version in versions:
+        base_losses = version.metrics.get("base_eval_loss", {})
+        version.loss_rows = [
+            (dataset_names.get(key, key), loss, base_losses.get(key)) for key, loss in sorted(version.eval_loss().items())
+        ]
+    events = list(
+        ActivationEvent.objects.filter(task=task).select_related("from_version", "to_version", "actor")[:20]
+    )
+    for event in events:
+        # Automatic activations store the worker's note; show it in the viewer's language.
+        automatic = event.kind == ActivationEvent.Kind.AUTO and event.to_version is not None
+        event.display_reason = event.to_version.promotion_message() if automatic else event.reason
     context = {
         "task": task,
         "versions": versions,
         "datasets": task.datasets.order_by("-created_at"),
         "jobs": task.training_jobs.select_related("version")[:10],
-        "events": ActivationEvent.objects.filter(task=task).select_related("from_version", "to_version", "actor")[:20],
+        "events": events,
         "upload_form": DatasetUploadForm(),
         "reason_form": ReasonForm(),
     }

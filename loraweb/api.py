@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from django.http import HttpRequest, HttpResponse
+from django.utils.translation import gettext as _
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, ValidationError
 
@@ -56,6 +57,14 @@ def validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse
     return api.create_response(request, {"errors": _validation_errors(exc)}, status=400)
 
 
+@api.exception_handler(AuthenticationError)
+def authentication_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    message = _("Missing or invalid API token; send the header Authorization: Bearer <token>.")
+    return api.create_response(
+        request, {"errors": [{"line": None, "code": "unauthorized", "message": message}]}, status=401
+    )
+
+
 openai_api = NinjaAPI(
     title="loraweb OpenAI-compatible API",
     version="1",
@@ -85,4 +94,5 @@ def openai_validation_error(request: HttpRequest, exc: ValidationError) -> HttpR
 
 @openai_api.exception_handler(AuthenticationError)
 def openai_auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
-    return _openai_error(request, "Missing or invalid API token; send Authorization: Bearer <token>.", "invalid_api_key", 401, "authentication_error")
+    message = _("Missing or invalid API token; send the header Authorization: Bearer <token>.")
+    return _openai_error(request, message, "invalid_api_key", 401, "authentication_error")

@@ -5,6 +5,7 @@ With no variable set the project runs on SQLite and keeps every file under `var/
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dj_database_url
@@ -13,6 +14,9 @@ from django.utils.translation import gettext_lazy as _
 from .env import ImproperSetting, env_bool, env_float, env_int, env_list, env_path, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+# Progress bars of model loading would flood the web and worker logs with carriage returns.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 VAR_DIR = env_path("LORAWEB_VAR_DIR", BASE_DIR / "var")
 
 DEBUG = env_bool("LORAWEB_DEBUG", False)

@@ -13,6 +13,7 @@ from adapters_app.api import VersionOut, version_out
 from adapters_app.services import NotFound, task_get
 
 from . import services
+from .messages import job_log_lines
 from .models import Dataset, TrainingJob
 
 router = Router(tags=["training"])
@@ -100,7 +101,7 @@ def job_out(job: TrainingJob) -> dict:
         "warm_start_from": job.warm_start_from.number if job.warm_start_from_id else None,
         "dataset_ids": sorted(job.datasets.values_list("pk", flat=True)),
         "hyperparameters": job.hyperparameters,
-        "log": job.log,
+        "log": job_log_lines(job.log),
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,

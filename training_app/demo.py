@@ -17,6 +17,7 @@ from typing import Callable
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.utils.translation import gettext_lazy as _
 
 from adapters_app.models import AdapterVersion, Task
 from adapters_app.services import task_create
@@ -29,9 +30,10 @@ logger = logging.getLogger(__name__)
 
 TASK_A = "spell-digits"
 TASK_B = "reverse-words"
+# Names and descriptions are stored in the language of whoever loads the demo.
 TASKS = {
-    TASK_A: ("Spell out digits", "Turn a digit string such as 407 into words: four zero seven."),
-    TASK_B: ("Reverse word lists", "Repeat a list of words in reverse order."),
+    TASK_A: (_("Spell out digits"), _("Turn a digit string such as 407 into words: four zero seven.")),
+    TASK_B: (_("Reverse word lists"), _("Repeat a list of words in reverse order.")),
 }
 DATASET_FILES = {
     TASK_A: ("spell_digits_A1", "spell_digits_A2"),
@@ -49,7 +51,7 @@ def demo_load_data(*, user: AbstractBaseUser | None = None) -> list[Task]:
             with transaction.atomic():
                 task = Task.objects.filter(slug=slug).first()
             if task is None:
-                task = task_create(slug=slug, name=name, description=description, user=user)
+                task = task_create(slug=slug, name=str(name), description=str(description), user=user)
             for key in DATASET_FILES[slug]:
                 path = paths[key]
                 with path.open("rb") as handle:

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
-from django.utils.translation import gettext
+from django.utils.translation import gettext, gettext_noop
+
+from adapters_app.messages import render_message
 
 from .ingest import MESSAGE_TEMPLATES, Problem
+
+JOB_LOG_MESSAGES: dict[str, str] = {
+    "started": gettext_noop("Started on %(host)s."),
+    "prepared_fresh": gettext_noop(
+        "%(examples)s training examples and %(eval_sets)s validation set(s); training a fresh adapter."
+    ),
+    "prepared_warm": gettext_noop(
+        "%(examples)s training examples and %(eval_sets)s validation set(s); continuing from %(parent)s."
+    ),
+    "finished": gettext_noop("Finished in %(seconds)s s. Eval loss: %(losses)s."),
+    "cancelled": gettext_noop("Cancelled before the next step; no version files were kept."),
+    "failed": gettext_noop("Failed: %(error)s"),
+}
+
+
+def job_log_lines(log: list) -> list[str]:
+    """Render a job's log entries as lines in the active language."""
+    lines = []
+    for entry in log:
+        text = render_message(JOB_LOG_MESSAGES, entry["code"], entry.get("params", {}))
+        lines.append(f"{entry['at'][11:19]} {text}")
+    return lines
 
 
 def problem_message(problem: Problem) -> str:

@@ -20,6 +20,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from adapters_app.messages import PROMOTION_MESSAGES, render_message
 from adapters_app.models import ActivationEvent, AdapterVersion, Task
 from adapters_app.services import ServiceError, version_activate, version_allocate
 
@@ -265,10 +266,11 @@ def job_cancel(job: TrainingJob, *, user: AbstractBaseUser | None = None) -> Tra
     return job
 
 
-def _append_log(job_id: int, line: str) -> None:
+def _append_log(job_id: int, code: str, **params: object) -> None:
+    """Add a line to the job's log, stored as a code so each viewer reads it in their language."""
     job = TrainingJob.objects.only("log").get(pk=job_id)
-    stamped = f"{timezone.now():%H:%M:%S} {line}"
-    TrainingJob.objects.filter(pk=job_id).update(log=(job.log + [stamped])[-JOB_LOG_LINES:])
+    entry = {"at": timezone.now().isoformat(timespec="seconds"), "code": code, "params": params}
+    TrainingJob.objects.filter(pk=job_id).update(log=(job.log + [entry])[-JOB_LOG_LINES:])
 
 
 def _claim(job_id: int) -> bool:
@@ -332,7 +334,7 @@ def training_run(job_id: int) -> None:
 
     job = TrainingJob.objects.select_related("task", "version", "warm_start_from").get(pk=job_id)
     task, version = job.task, job.version
-    _append_log(job_id, f"Started on {socket.gethostname()}")
+    _append_log(job_id, "started", host=socket.gethostname())
     reporter = _JobReporter(job_id)
     output_dir = Path(settings.LORAWEB_ADAPTER_ROOT) / task.slug / f"v{version.number}-{uuid.uuid4().hex[:8]}"
 
@@ -347,11 +349,12 @@ def training_run(job_id: int) -> None:
             train_examples.extend(dataset_split(dataset)[0])
         eval_sets = _eval_sets_for(task, job)
         parent_dir = job.warm_start_from.adapter_dir() if job.warm_start_from else None
-        _append_log(
-            job_id,
-            f"{len(train_examples)} training examples, {len(eval_sets)} validation set(s), "
-            f"{'warm start from ' + job.warm_start_from.label if job.warm_start_from else 'fresh start'}",
-        )
+        if job.warm_start_from:
+            _append_log(
+                job_id, "prepared_warm", examples=len(train_examples), eval_sets=len(eval_sets), parent=job.warm_start_from.label
+            )
+        else:
+            _append_log(job_id, "prepared_fresh", examples=len(train_examples), eval_sets=len(eval_sets))
 
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         result = train_lora(
@@ -368,18 +371,22 @@ def training_run(job_id: int) -> None:
         )
     except TrainingCancelled:
         _finish(job_id, TrainingJob.State.CANCELLED, AdapterVersion.Status.CANCELLED, "")
-        _append_log(job_id, "Cancelled")
+        _append_log(job_id, "cancelled")
         logger.info("Job %s cancelled", job_id)
         return
     except Exception as error:  # noqa: BLE001 - any failure must end the job as failed, not stuck
         logger.exception("Job %s failed", job_id)
         shutil.rmtree(output_dir, ignore_errors=True)
         _finish(job_id, TrainingJob.State.FAILED, AdapterVersion.Status.FAILED, f"{type(error).__name__}: {error}")
-        _append_log(job_id, f"Failed: {error}")
+        _append_log(job_id, "failed", error=f"{type(error).__name__}: {error}")
         return
 
     _record_result(job, result, output_dir)
-    _append_log(job_id, f"Finished in {result.wall_seconds:.1f} s; eval loss {result.eval_loss}")
+    names = dict(job.task.datasets.values_list("pk", "original_name"))
+    losses = ", ".join(
+        f"{names.get(int(key.removeprefix('dataset-')), key)} {loss:.4f}" for key, loss in sorted(result.eval_loss.items())
+    )
+    _append_log(job_id, "finished", seconds=f"{result.wall_seconds:.1f}", losses=losses)
 
 
 def _finish(job_id: int, state: str, version_status: str, error: str) -> None:
@@ -422,19 +429,16 @@ def _promote(job: TrainingJob, version: AdapterVersion, result: TrainingResult) 
     new_loss = _mean([result.eval_loss[key] for key in new_keys if key in result.eval_loss])
 
     if active is None:
-        note = _("First ready version of the task; activated automatically.")
-        _apply_promotion(version, note, activate=True)
+        _apply_promotion(version, "first_version", {}, activate=True)
         return
 
     active_loss = _mean(_active_losses(job, active, result, new_keys))
     threshold = settings.LORAWEB_EVAL_IMPROVEMENT
-    values = {"new": f"{new_loss:.4f}", "active": f"{active_loss:.4f}", "label": active.label}
+    params = {"new": f"{new_loss:.4f}", "active": f"{active_loss:.4f}", "label": active.label}
     if new_loss < active_loss - threshold:
-        note = _("Eval loss on the new data %(new)s beats %(label)s's %(active)s; activated automatically.") % values
-        _apply_promotion(version, note, activate=True)
+        _apply_promotion(version, "beats_active", params, activate=True)
     else:
-        note = _("Eval loss on the new data %(new)s does not beat %(label)s's %(active)s; kept as a candidate.") % values
-        _apply_promotion(version, note, activate=False)
+        _apply_promotion(version, "not_better", params, activate=False)
 
 
 def _active_losses(job: TrainingJob, active: AdapterVersion, result: TrainingResult, keys: list[str]) -> list[float]:
@@ -457,8 +461,9 @@ def _active_losses(job: TrainingJob, active: AdapterVersion, result: TrainingRes
     return [scores[key] for key in keys if key in scores]
 
 
-def _apply_promotion(version: AdapterVersion, note: str, *, activate: bool) -> None:
-    AdapterVersion.objects.filter(pk=version.pk).update(promotion_note=note)
+def _apply_promotion(version: AdapterVersion, code: str, params: dict, *, activate: bool) -> None:
+    note = render_message(PROMOTION_MESSAGES, code, params, translate=False)
+    AdapterVersion.objects.filter(pk=version.pk).update(promotion_note=note, promotion={"code": code, "params": params})
     if activate:
         version_activate(version, reason=note, kind=ActivationEvent.Kind.AUTO)
 

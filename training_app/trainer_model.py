@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
 
 logger = logging.getLogger(__name__)
+
+# peft 0.21 calls transformers' deprecated `is_gradient_checkpointing` on every LoRA setup,
+# which would print a FutureWarning into the worker log for each job. Nothing here can act on it.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 

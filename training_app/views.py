@@ -14,6 +14,7 @@ from adapters_app.services import ServiceError
 
 from . import services
 from .forms import DatasetUploadForm, TrainForm
+from .messages import job_log_lines
 from .models import Dataset, TrainingJob
 
 
@@ -90,7 +91,13 @@ def training_new(request: HttpRequest, slug: str) -> HttpResponse:
 @login_required
 def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     job = get_object_or_404(TrainingJob.objects.select_related("task", "version", "warm_start_from"), pk=pk)
-    return render(request, "training_app/job_detail.html", {"job": job, "task": job.task})
+    hyperparameters = {
+        key: ", ".join(value) if isinstance(value, list) else value
+        for key, value in job.hyperparameters.items()
+        if value is not None
+    }
+    context = {"job": job, "task": job.task, "log_lines": job_log_lines(job.log), "hyperparameters": hyperparameters}
+    return render(request, "training_app/job_detail.html", context)
 
 
 @login_required
@@ -106,7 +113,7 @@ def job_status(request: HttpRequest, pk: int) -> JsonResponse:
             "total_steps": job.total_steps,
             "loss": job.last_loss,
             "error": job.error,
-            "log": job.log[-20:],
+            "log": job_log_lines(job.log[-20:]),
             "final": job.is_final,
         }
     )

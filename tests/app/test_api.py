@@ -15,11 +15,30 @@ pytestmark = pytest.mark.django_db
 
 
 def test_api_requires_token(tiny_base_dir):
-    assert Client().get("/api/v1/tasks").status_code == 401
+    anonymous = Client().get("/api/v1/tasks")
+    assert anonymous.status_code == 401
+    assert anonymous.json()["errors"][0]["code"] == "unauthorized"
     assert Client(HTTP_AUTHORIZATION="Bearer wrong").get("/api/v1/tasks").status_code == 401
-    response = Client().post("/v1/completions", {"model": "x", "prompt": "y"}, content_type="application/json")
+
+
+@pytest.mark.parametrize("headers", [{}, {"HTTP_AUTHORIZATION": "Bearer wrong"}])
+def test_post_without_valid_token_is_401_not_csrf(tiny_base_dir, headers):
+    client = Client(enforce_csrf_checks=True, **headers)
+    response = client.post("/v1/completions", {"model": "x", "prompt": "y"}, content_type="application/json")
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
+
+    response = client.post("/api/v1/tasks", {"slug": "x", "name": "x"}, content_type="application/json")
+    assert response.status_code == 401
+    assert response.json()["errors"][0]["code"] == "unauthorized"
+
+
+def test_browser_session_post_needs_csrf(user):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    response = client.post("/api/v1/tasks", {"slug": "x", "name": "x"}, content_type="application/json")
+    assert response.status_code == 403
+    assert client.get("/api/v1/tasks").status_code == 200
 
 
 def test_revoked_and_expired_tokens_rejected(user, token):

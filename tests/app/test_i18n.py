@@ -287,7 +287,7 @@ def test_dashboard_in_chinese(client, user, tiny_base_dir):
     assert "<title>仪表盘 · loraweb</title>" in content
     assert "<h2>新建任务</h2>" in content
     assert "还没有任务。" in content
-    assert "基座模型：离线构建的微型 GPT-2，权重随机。" in content
+    assert "基座模型：离线构建、权重随机的微型 GPT-2。" in content
     assert "退出登录" in content
     assert "New task" not in content
 

@@ -1,5 +1,6 @@
 """Make sure a base model is ready before the web server and worker start."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,12 +22,15 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, no_download: bool, **options):
+        # One line of output is the contract with `make run`; library INFO logs would bury it.
+        logging.getLogger("adapters_app").setLevel(logging.WARNING)
         requested = settings.LORAWEB_BASE_MODEL
         choice = self._existing(requested)
+        failure = "download disabled"
         if choice is None and not no_download:
-            choice = self._download(requested)
+            choice, failure = self._download(requested)
         if choice is None:
-            choice = self._tiny(requested)
+            choice = self._tiny(requested, failure)
         record_choice(choice)
         self.stdout.write(choice.note or f"Base model: {choice.path}")
 
@@ -39,7 +43,7 @@ class Command(BaseCommand):
             return BaseChoice(choice.requested, choice.path, choice.is_tiny, f"Base model: {choice.path}")
         return None
 
-    def _download(self, requested: str) -> BaseChoice | None:
+    def _download(self, requested: str) -> tuple[BaseChoice | None, str]:
         # Short timeouts: on a machine without network the fallback should come in seconds.
         os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
         os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
@@ -51,18 +55,18 @@ class Command(BaseCommand):
                 allow_patterns=["*.json", "*.safetensors", "*.txt", "vocab.bpe"],
             )
         except Exception as error:  # noqa: BLE001 - any hub failure means: fall back to the tiny base
-            self.stderr.write(f"Could not download {requested!r} from the Hugging Face hub: {type(error).__name__}")
-            return None
-        return BaseChoice(requested, requested, False, f"Base model: {requested} (downloaded to the Hugging Face cache)")
+            return None, f"download failed: {type(error).__name__}"
+        note = f"Base model: {requested} (downloaded to the Hugging Face cache)"
+        return BaseChoice(requested, requested, False, note), ""
 
-    def _tiny(self, requested: str) -> BaseChoice:
+    def _tiny(self, requested: str, failure: str) -> BaseChoice:
         from adapters_app.serving.base import build_tiny_gpt2, is_current_tiny_model_dir
 
         folder = Path(settings.LORAWEB_TINY_MODEL_DIR)
         if not is_current_tiny_model_dir(folder):
             build_tiny_gpt2(folder)
         note = (
-            f"Base model {requested!r} could not be loaded (not cached, no network); using the tiny offline "
-            f"GPT-2 in {folder}, which is for trying the product, not for quality."
+            f"Base model {requested!r} could not be loaded (not in the local cache, {failure}); using the tiny "
+            f"offline GPT-2 in {folder}, which is for trying the product, not for quality."
         )
         return BaseChoice(requested, str(folder), True, note)

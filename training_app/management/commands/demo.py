@@ -1,3 +1,5 @@
+import logging
+
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
@@ -15,6 +17,9 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=1800, help="Seconds to wait for each job (default 1800).")
 
     def handle(self, *args, timeout: float, **options):
+        # Per-request INFO logs would bury the progress lines and the table.
+        for name in ("adapters_app", "training_app"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         user = get_user_model().objects.filter(is_superuser=True).order_by("pk").first()
         try:
             result = demo_run(user=user, report=self.stdout.write, timeout=timeout)
