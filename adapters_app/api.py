@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.http import HttpRequest
-from ninja import Router, Schema, Status
+from ninja import File, Router, Schema, Status
+from ninja.files import UploadedFile
 
 from .models import AdapterVersion, Task
 from .services import task_create, task_get, version_activate, version_get
+from .transfer import UploadedPart, export_response, version_import
 
 router = Router(tags=["tasks"])
 
@@ -102,10 +104,25 @@ def read_task(request: HttpRequest, slug: str):
     return task_out(task_get(slug))
 
 
+# Registered before the `{number}` route, which would otherwise match "import".
+@router.post("/tasks/{slug}/versions/import", response={201: VersionOut})
+def import_version(request: HttpRequest, slug: str, file: File[UploadedFile]):
+    task = task_get(slug)
+    version = version_import(task, [UploadedPart(file.name or "adapter.zip", file)], user=request.user)
+    task.refresh_from_db()
+    return Status(201, version_out(version, task.active_version_id))
+
+
 @router.get("/tasks/{slug}/versions/{number}", response=VersionOut)
 def read_version(request: HttpRequest, slug: str, number: int):
     task = task_get(slug)
     return version_out(version_get(task, number), task.active_version_id)
+
+
+@router.get("/tasks/{slug}/versions/{number}/export")
+def export_version(request: HttpRequest, slug: str, number: int):
+    version = version_get(task_get(slug), number)
+    return export_response(version)
 
 
 @router.post("/tasks/{slug}/activate", response=ActivateOut)

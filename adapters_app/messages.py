@@ -20,6 +20,7 @@ PROMOTION_MESSAGES: dict[str, str] = {
     "not_better": gettext_noop(
         "Eval loss on the new data %(new)s does not beat %(label)s's %(active)s; kept as a candidate."
     ),
+    "imported": gettext_noop("Imported from an uploaded PEFT adapter; activate it by hand after checking it."),
 }
 
 

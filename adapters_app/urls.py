@@ -10,4 +10,6 @@ urlpatterns = [
     path("playground/", views.playground, name="playground"),
     path("tasks/<slug:slug>/", views.task_detail, name="task_detail"),
     path("tasks/<slug:slug>/versions/<int:number>/activate", views.version_activate_view, name="version_activate"),
+    path("tasks/<slug:slug>/versions/<int:number>/export", views.version_export_view, name="version_export"),
+    path("tasks/<slug:slug>/versions/import", views.version_import_view, name="version_import"),
 ]

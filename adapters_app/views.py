@@ -19,6 +19,7 @@ from .forms import PlaygroundForm, ReasonForm, TaskForm
 from .inference import SamplingParams, complete
 from .models import ActivationEvent, AdapterVersion, Task
 from .services import ServiceError, task_create, version_activate
+from .transfer import UploadedPart, export_response, version_import
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,34 @@ def version_activate_view(request: HttpRequest, slug: str, number: int) -> HttpR
         messages.error(request, error.message)
     else:
         (messages.success if result.changed else messages.info)(request, result.message)
+    return redirect("adapters_app:task_detail", slug=slug)
+
+
+@login_required
+def version_export_view(request: HttpRequest, slug: str, number: int) -> HttpResponse:
+    version = get_object_or_404(AdapterVersion.objects.select_related("task", "parent"), task__slug=slug, number=number)
+    try:
+        return export_response(version)
+    except ServiceError as error:
+        messages.error(request, error.message)
+        return redirect("adapters_app:task_detail", slug=slug)
+
+
+@login_required
+@require_POST
+def version_import_view(request: HttpRequest, slug: str) -> HttpResponse:
+    task = get_object_or_404(Task, slug=slug)
+    files = request.FILES.getlist("files")
+    if not files:
+        messages.error(request, _("Choose a zip of a PEFT adapter folder, or its files, to import."))
+        return redirect("adapters_app:task_detail", slug=slug)
+
+    try:
+        version = version_import(task, [UploadedPart(upload.name, upload) for upload in files], user=request.user)
+    except ServiceError as error:
+        messages.error(request, error.message)
+    else:
+        messages.success(request, _("Imported the adapter as %(version)s; activate it when you are ready.") % {"version": version.label})
     return redirect("adapters_app:task_detail", slug=slug)
 
 

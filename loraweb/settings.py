@@ -128,6 +128,7 @@ MEDIA_URL = "media/"
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 LORAWEB_MAX_UPLOAD_BYTES = env_int("LORAWEB_MAX_UPLOAD_BYTES", 200 * 1024 * 1024, minimum=1)
+LORAWEB_MAX_ADAPTER_UPLOAD_BYTES = env_int("LORAWEB_MAX_ADAPTER_UPLOAD_BYTES", 512 * 1024 * 1024, minimum=1)
 
 # Base model: a Hugging Face id (local cache, else the hub) or a local directory.
 LORAWEB_BASE_MODEL = env_str("LORAWEB_BASE_MODEL", "gpt2")
