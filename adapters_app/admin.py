@@ -14,8 +14,13 @@ from .services import ServiceError, task_rollback
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
-    list_display = ("slug", "name", "active_version", "base_model_id", "created_at")
+    list_display = ("slug", "name", "active_version", "auto_activate", "base_model_id", "created_at")
+    list_filter = ("auto_activate",)
     search_fields = ("slug", "name", "description")
+    fieldsets = (
+        (None, {"fields": ("slug", "name", "description", "base_model_id", "active_version", "created_by", "created_at")}),
+        (_("Promotion policy"), {"fields": ("auto_activate", "min_improvement", "forgetting_tolerance")}),
+    )
     readonly_fields = ("active_version", "base_model_id", "created_by", "created_at")
     list_select_related = ("active_version",)
 

@@ -20,6 +20,11 @@ PROMOTION_MESSAGES: dict[str, str] = {
     "not_better": gettext_noop(
         "Eval loss on the new data %(new)s does not beat %(label)s's %(active)s; kept as a candidate."
     ),
+    "forgets": gettext_noop(
+        "Eval loss on the earlier dataset %(dataset)s rose from %(active)s (%(label)s) to %(new)s, more than "
+        "the allowed %(tolerance)s; kept as a candidate."
+    ),
+    "auto_activation_off": gettext_noop("Automatic activation is off for this task; activate the version by hand."),
     "imported": gettext_noop("Imported from an uploaded PEFT adapter; activate it by hand after checking it."),
 }
 

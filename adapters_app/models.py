@@ -31,6 +31,22 @@ class Task(models.Model):
         on_delete=models.PROTECT,
         related_name="+",
     )
+    # Promotion policy: when a newly trained version becomes active without a person.
+    auto_activate = models.BooleanField(
+        _("activate automatically"),
+        default=True,
+        help_text=_("Activate a new version when it beats the active one on its new data without forgetting."),
+    )
+    min_improvement = models.FloatField(
+        _("minimum improvement"),
+        default=0.0,
+        help_text=_("How much lower (in nats per token) the new data's eval loss must be than the active version's."),
+    )
+    forgetting_tolerance = models.FloatField(
+        _("forgetting tolerance"),
+        default=0.1,
+        help_text=_("How much higher (in nats per token) the eval loss on an earlier dataset may get."),
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -9,6 +9,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -47,6 +48,8 @@ def task_create(*, slug: str, name: str, description: str = "", user: AbstractBa
         name=name.strip() or slug.strip(),
         description=description.strip(),
         base_model_id=current_base_choice().model_id,
+        min_improvement=settings.LORAWEB_DEFAULT_MIN_IMPROVEMENT,
+        forgetting_tolerance=settings.LORAWEB_DEFAULT_FORGETTING_TOLERANCE,
         created_by=user if user is not None and user.is_authenticated else None,
     )
     try:

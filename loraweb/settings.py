@@ -168,7 +168,9 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-stale-jobs": {"task": "training_app.tasks.sweep_stale_jobs", "schedule": 60.0},
 }
 
-LORAWEB_EVAL_IMPROVEMENT = env_float("LORAWEB_EVAL_IMPROVEMENT", 0.0)
+# Promotion policy given to new tasks; each task can change its own in admin.
+LORAWEB_DEFAULT_MIN_IMPROVEMENT = env_float("LORAWEB_DEFAULT_MIN_IMPROVEMENT", 0.0)
+LORAWEB_DEFAULT_FORGETTING_TOLERANCE = env_float("LORAWEB_DEFAULT_FORGETTING_TOLERANCE", 0.1)
 
 LOGGING = {
     "version": 1,

@@ -192,6 +192,9 @@ def format_report(result: DemoReport) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines.append("")
+    for version in result.versions:
+        lines.append(f"{version}: {version.promotion_note}")
+    lines.append("")
     lines.append(f"{TASK_B} answers unchanged after retraining {TASK_A}: {'yes' if result.b_unchanged else 'NO'}")
     same = result.base_hash_before == result.base_hash_after
     lines.append(f"base weights sha256 before: {result.base_hash_before}")

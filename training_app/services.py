@@ -20,13 +20,13 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from adapters_app.messages import PROMOTION_MESSAGES, render_message
-from adapters_app.models import ActivationEvent, AdapterVersion, Task
-from adapters_app.services import ServiceError, version_activate, version_allocate
+from adapters_app.models import AdapterVersion, Task
+from adapters_app.services import ServiceError, version_allocate
 
 from .ingest import DatasetInvalid, Example, ParsedDataset, Problem, parse_dataset, split_examples
 from .messages import problem_message
 from .models import Dataset, TrainingJob
+from .promotion import promote_version
 
 if TYPE_CHECKING:
     from .trainer import Progress, TrainingResult
@@ -418,58 +418,7 @@ def _record_result(job: TrainingJob, result: TrainingResult, output_dir: Path) -
         )
 
     version.refresh_from_db()
-    _promote(job, version, result)
-
-
-def _promote(job: TrainingJob, version: AdapterVersion, result: TrainingResult) -> None:
-    """Activate a task's first version, or a later one whose loss on the new data beats the active one."""
-    task = Task.objects.select_related("active_version").get(pk=job.task_id)
-    active = task.active_version
-    new_keys = [dataset.eval_key for dataset in job.datasets.all()]
-    new_loss = _mean([result.eval_loss[key] for key in new_keys if key in result.eval_loss])
-
-    if active is None:
-        _apply_promotion(version, "first_version", {}, activate=True)
-        return
-
-    active_loss = _mean(_active_losses(job, active, result, new_keys))
-    threshold = settings.LORAWEB_EVAL_IMPROVEMENT
-    params = {"new": f"{new_loss:.4f}", "active": f"{active_loss:.4f}", "label": active.label}
-    if new_loss < active_loss - threshold:
-        _apply_promotion(version, "beats_active", params, activate=True)
-    else:
-        _apply_promotion(version, "not_better", params, activate=False)
-
-
-def _active_losses(job: TrainingJob, active: AdapterVersion, result: TrainingResult, keys: list[str]) -> list[float]:
-    # Warm-started from the active version: the trainer scored it before training began.
-    if job.warm_start_from_id == active.pk and result.initial_eval_loss is not None:
-        return [result.initial_eval_loss[key] for key in keys if key in result.initial_eval_loss]
-
-    from adapters_app.base_model import current_base_choice
-
-    from .trainer import evaluate_adapter
-
-    eval_sets = {dataset.eval_key: dataset_split(dataset)[1] for dataset in job.datasets.all()}
-    scores = evaluate_adapter(
-        current_base_choice().path,
-        active.adapter_dir(),
-        eval_sets,
-        max_length=int(job.hyperparameters.get("max_length", 256)),
-        device=settings.LORAWEB_DEVICE,
-    )
-    return [scores[key] for key in keys if key in scores]
-
-
-def _apply_promotion(version: AdapterVersion, code: str, params: dict, *, activate: bool) -> None:
-    note = render_message(PROMOTION_MESSAGES, code, params, translate=False)
-    AdapterVersion.objects.filter(pk=version.pk).update(promotion_note=note, promotion={"code": code, "params": params})
-    if activate:
-        version_activate(version, reason=note, kind=ActivationEvent.Kind.AUTO)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("inf")
+    promote_version(job, version, result)
 
 
 def sweep_stale_jobs() -> int:
