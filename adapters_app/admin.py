@@ -8,12 +8,19 @@ from django.template.response import TemplateResponse
 from django.utils.translation import gettext_lazy as _, ngettext
 
 from .forms import ReasonForm
-from .models import ActivationEvent, AdapterVersion, ApiToken, Task
+from .models import ActivationEvent, AdapterVersion, ApiToken, GoldenPrompt, Task
 from .services import ServiceError, task_rollback
+
+
+class GoldenPromptInline(admin.TabularInline):
+    model = GoldenPrompt
+    extra = 1
+    fields = ("prompt", "expected")
 
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
+    inlines = [GoldenPromptInline]
     list_display = ("slug", "name", "active_version", "auto_activate", "base_model_id", "created_at")
     list_filter = ("auto_activate",)
     search_fields = ("slug", "name", "description")

@@ -1,16 +1,21 @@
 """Serve prompts through a task's adapter: the Django side of the framework-free engine.
 
 The engine (and with it torch) is created on first use, so processes that only render
-dashboard pages never load the model.
+dashboard pages never load the model. Every completion goes through one scheduler thread per
+process, which batches concurrent requests; views submit and then wait (async views await).
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils.translation import gettext as _
 
@@ -19,44 +24,166 @@ from .models import AdapterVersion, Task
 from .services import ServiceError, model_name_resolve
 
 if TYPE_CHECKING:
-    from .serving.engine import Engine, GenerationResult
+    from .serving.engine import Engine, GenerationRequest, GenerationResult, PreloadReport
+    from .serving.handles import GenerationHandle
+    from .serving.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 _engine: Engine | None = None
+_scheduler: Scheduler | None = None
 _engine_lock = threading.Lock()
+# Task slug -> version key pinned for it, so a pinned task's previous version can be unpinned.
+_pinned_keys: dict[str, str] = {}
+
+
+class TooManyRequests(ServiceError):
+    """The generation queue is full; the client should retry after `retry_after_s` seconds."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, code="queue_full")
+        self.retry_after_s = retry_after_s
 
 
 def get_engine() -> Engine:
-    """Return this process's engine, loading the base model on the first call only."""
-    global _engine
+    """Return this process's engine, loading the base model on the first call only.
+
+    A process with LORAWEB_ROLE=dashboard never loads the model (nor imports torch), and
+    raises ServiceError with status 503 instead.
+    """
+    global _engine, _scheduler
     if _engine is not None:
         return _engine
+    if settings.LORAWEB_ROLE == "dashboard":
+        raise ServiceError(
+            _("This server only serves dashboard pages (LORAWEB_ROLE=dashboard); completions are served by the inference servers."),
+            code="inference_disabled",
+            status_code=503,
+        )
 
     with _engine_lock:
         if _engine is None:
-            from .serving.base import load_base_model
+            from .serving.base import load_base_model, resolve_dtype
             from .serving.engine import Engine
+            from .serving.scheduler import Scheduler
 
             if settings.LORAWEB_TORCH_THREADS:
                 import torch
 
                 torch.set_num_threads(settings.LORAWEB_TORCH_THREADS)
             choice = current_base_choice()
-            base = load_base_model(choice.path, device=settings.LORAWEB_DEVICE)
-            _engine = Engine(
+            device = settings.LORAWEB_DEVICE
+            base = load_base_model(choice.path, device=device, dtype=resolve_dtype(settings.LORAWEB_DTYPE, device))
+            engine = Engine(
                 base,
                 cache_max_adapters=settings.LORAWEB_ADAPTER_CACHE_MAX_ADAPTERS,
                 cache_max_bytes=settings.LORAWEB_ADAPTER_CACHE_MAX_BYTES,
             )
+            if settings.LORAWEB_PRELOAD_ADAPTERS:
+                preload_active_versions(engine)
+            _scheduler = Scheduler(
+                engine,
+                batch_window_ms=settings.LORAWEB_BATCH_WINDOW_MS,
+                max_batch_size=settings.LORAWEB_MAX_BATCH_SIZE,
+                max_queue=settings.LORAWEB_MAX_QUEUE,
+                request_timeout_s=settings.LORAWEB_REQUEST_TIMEOUT_S,
+            ).start()
+            _engine = engine
+            # Stop the scheduler thread before the interpreter tears torch down under it.
+            atexit.register(_stop_at_exit)
     return _engine
 
 
+def get_scheduler() -> Scheduler:
+    """Return the scheduler that batches this process's completions, creating the engine if needed."""
+    get_engine()
+    assert _scheduler is not None
+    return _scheduler
+
+
 def reset_engine() -> None:
-    """Drop the engine so the next request loads the base again (tests switch bases)."""
-    global _engine
+    """Stop the scheduler and drop the engine, so the next request loads the base again (tests switch bases)."""
+    global _engine, _scheduler
     with _engine_lock:
+        if _scheduler is not None:
+            _scheduler.stop()
         _engine = None
+        _scheduler = None
+        _pinned_keys.clear()
+
+
+def _stop_at_exit() -> None:
+    # Log handlers may already be closed at exit (pytest closes its capture streams), and
+    # logging would then print an error for each message of the shutdown.
+    logging.raiseExceptions = False
+    reset_engine()
+
+
+def preload_active_versions(engine: Engine) -> PreloadReport:
+    """Load the active version of every task into the engine's cache, pinned tasks first and pinned.
+
+    Runs when the engine is created. Versions trained on another base, or whose adapter fails
+    to load, are skipped and logged; they fail again with a clear error when requested.
+    """
+    from .serving.engine import PreloadItem
+
+    pinned = set(settings.LORAWEB_PINNED_TASKS)
+    items = []
+    tasks = Task.objects.select_related("active_version").filter(active_version__isnull=False).order_by("slug")
+    for task in tasks:
+        version = task.active_version
+        if not version.is_ready:
+            continue
+        if version.base_weight_hash and version.base_weight_hash != engine.base.weight_hash:
+            logger.warning("Not preloading %s %s: trained on a different base", task.slug, version.label)
+            continue
+        is_pinned = task.slug in pinned
+        if is_pinned:
+            _pinned_keys[task.slug] = version_key(version)
+        items.append(PreloadItem(key=version_key(version), path=version.adapter_dir(), sha256=version.sha256 or None, pinned=is_pinned))
+
+    report = engine.preload(items)
+    logger.info(
+        "Preloaded %d adapters (%d skipped, cache full; %d failed)", len(report.loaded), len(report.skipped), len(report.failed)
+    )
+    return report
+
+
+def adapter_load(version: AdapterVersion, *, pin: bool = False) -> bool:
+    """Load a version's adapter into this process's cache now, and return whether it was cached already."""
+    from .serving.adapters import AdapterError
+
+    try:
+        _adapter, hit = get_engine().load(version_key(version), version.adapter_dir(), version.sha256 or None, pin=pin)
+    except AdapterError as error:
+        raise ServiceError(
+            _("The adapter of %(version)s could not be loaded: %(error)s") % {"version": version.label, "error": error},
+            code="adapter_invalid",
+            status_code=500,
+        ) from error
+    return hit
+
+
+def adapter_unload(version: AdapterVersion) -> bool:
+    """Drop a version's adapter (and its pin) from this process's cache; return whether it was loaded."""
+    return get_engine().unload(version_key(version))
+
+
+def _pin_if_configured(task: Task, version: AdapterVersion | None) -> None:
+    """Keep a pinned task's active version loaded, and release the version it replaced."""
+    if version is None or task.slug not in settings.LORAWEB_PINNED_TASKS:
+        return
+    key = version_key(version)
+    previous = _pinned_keys.get(task.slug)
+    if previous == key:
+        return
+    cache = get_engine().cache
+    cache.pin(key)
+    if previous is not None:
+        cache.unpin(previous)
+    _pinned_keys[task.slug] = key
 
 
 @dataclass(frozen=True)
@@ -103,12 +230,7 @@ def admit(model: str, params: SamplingParams) -> Admission:
     This is the only step that reads the database, so a rollback committed before it
     applies to this request, and generation itself may run on another thread.
     """
-    if params.max_tokens > settings.LORAWEB_MAX_NEW_TOKENS:
-        raise ServiceError(
-            _("max_tokens is %(value)s but this server allows at most %(limit)s; ask for fewer tokens.")
-            % {"value": params.max_tokens, "limit": settings.LORAWEB_MAX_NEW_TOKENS},
-            code="max_tokens_too_large",
-        )
+    _check_max_tokens(params)
 
     task, version = model_name_resolve(model)
     engine = get_engine()
@@ -119,16 +241,32 @@ def admit(model: str, params: SamplingParams) -> Admission:
             code="base_mismatch",
             status_code=409,
         )
+    _pin_if_configured(task, version)
     return Admission(model=model, task=task, version=version, params=params)
 
 
-def generate(admission: Admission, prompt: str, *, on_token: Callable[[str], None] | None = None) -> Completion:
-    """Generate a completion for an admitted request with the adapter of its version."""
-    from .serving.adapters import AdapterError
-    from .serving.engine import GenerationError, GenerationRequest
+def admit_base(task: Task, params: SamplingParams) -> Admission:
+    """Admit a request for the bare base model of `task`, with no adapter (compare mode)."""
+    _check_max_tokens(params)
+    get_engine()
+    return Admission(model=task.slug, task=task, version=None, params=params)
 
-    task, version, params = admission.task, admission.version, admission.params
-    request = GenerationRequest(
+
+def _check_max_tokens(params: SamplingParams) -> None:
+    if params.max_tokens > settings.LORAWEB_MAX_NEW_TOKENS:
+        raise ServiceError(
+            _("max_tokens is %(value)s but this server allows at most %(limit)s; ask for fewer tokens.")
+            % {"value": params.max_tokens, "limit": settings.LORAWEB_MAX_NEW_TOKENS},
+            code="max_tokens_too_large",
+        )
+
+
+def generation_request(admission: Admission, prompt: str, *, on_token: Callable[[str], None] | None = None) -> GenerationRequest:
+    """Return the engine request for an admitted request and its prompt."""
+    from .serving.engine import GenerationRequest
+
+    version, params = admission.version, admission.params
+    return GenerationRequest(
         prompt=prompt,
         adapter_key=version_key(version) if version is not None else None,
         adapter_path=version.adapter_dir() if version is not None else None,
@@ -141,29 +279,100 @@ def generate(admission: Admission, prompt: str, *, on_token: Callable[[str], Non
         stop=list(params.stop),
         on_token=on_token,
     )
+
+
+def submit(
+    admissions: Sequence[Admission], prompt: str, *, on_tokens: Sequence[Callable[[str], None] | None] | None = None
+) -> list[GenerationHandle]:
+    """Queue `prompt` once per admission, to start in the same batch, and return the handles.
+
+    Raises ServiceError for an invalid request (400), a bad adapter (500) or a full queue (429).
+    Blocks while a cold adapter is read, so async callers run it in a worker thread.
+    """
+    callbacks = list(on_tokens) if on_tokens is not None else [None] * len(admissions)
+    requests = [
+        generation_request(admission, prompt, on_token=callback) for admission, callback in zip(admissions, callbacks)
+    ]
     try:
-        result = get_engine().generate_one(request)
-    except GenerationError as error:
-        raise ServiceError(str(error), code="invalid_generation_request") from error
-    except AdapterError as error:
+        return get_scheduler().submit_group(requests)
+    except Exception as error:
+        raise service_error_for(error, admissions[0]) from error
+
+
+def service_error_for(error: BaseException, admission: Admission) -> ServiceError:
+    """Return the ServiceError that explains to the client why generation for `admission` failed.
+
+    Re-raises errors that are not about generation, so bugs still surface as bugs.
+    """
+    from .serving.adapters import AdapterError
+    from .serving.engine import GenerationError
+    from .serving.handles import GenerationCancelled, GenerationTimeout, QueueFull, SchedulerStopped
+
+    label = admission.version.label if admission.version else "base"
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, QueueFull):
+        logger.warning("Rejected a request for %s: %s", admission.model, error)
+        return TooManyRequests(
+            _("The server is busy: the generation queue is full. Retry in %(seconds)s s.") % {"seconds": error.retry_after_s},
+            retry_after_s=error.retry_after_s,
+        )
+    if isinstance(error, GenerationTimeout):
+        return ServiceError(
+            _("Generation for %(model)s did not finish within the server's time limit; ask for fewer tokens or retry later.")
+            % {"model": admission.model},
+            code="generation_timeout",
+            status_code=504,
+        )
+    if isinstance(error, (GenerationCancelled, SchedulerStopped)):
+        return ServiceError(
+            _("Generation for %(model)s was stopped before it finished; send the request again.") % {"model": admission.model},
+            code="generation_stopped",
+            status_code=503,
+        )
+    if isinstance(error, GenerationError):
+        return ServiceError(str(error), code="invalid_generation_request")
+    if isinstance(error, AdapterError):
         # Never fall back to the bare base: the caller asked for this adapter.
-        label = version.label if version else "base"
-        logger.error("Adapter of %s %s rejected: %s", task.slug, label, error)
-        raise ServiceError(
+        logger.error("Adapter of %s %s rejected: %s", admission.task.slug, label, error)
+        return ServiceError(
             _("The adapter of %(version)s could not be loaded: %(error)s") % {"version": label, "error": error},
             code="adapter_invalid",
             status_code=500,
-        ) from error
+        )
+    raise error
 
+
+def _completion(admission: Admission, result: GenerationResult) -> Completion:
     logger.info(
         "Completed %s for task %s version %s: %d tokens, cache %s",
         admission.model,
-        task.slug,
-        version.label if version else "base",
+        admission.task.slug,
+        admission.version.label if admission.version else "base",
         result.completion_tokens,
         "hit" if result.cache_hit else "miss",
     )
-    return Completion(task=task, version=version, result=result)
+    return Completion(task=admission.task, version=admission.version, result=result)
+
+
+def generate(admission: Admission, prompt: str, *, on_token: Callable[[str], None] | None = None) -> Completion:
+    """Generate a completion for an admitted request with the adapter of its version, and wait for it."""
+    return generate_many([admission], prompt, on_tokens=[on_token])[0]
+
+
+def generate_many(
+    admissions: Sequence[Admission], prompt: str, *, on_tokens: Sequence[Callable[[str], None] | None] | None = None
+) -> list[Completion]:
+    """Complete `prompt` through each admission in one batch, and return the completions in order."""
+    handles = submit(admissions, prompt, on_tokens=on_tokens)
+    completions = []
+    for admission, handle in zip(admissions, handles):
+        try:
+            result = handle.result()
+        except Exception as error:
+            raise service_error_for(error, admission) from error
+        completions.append(_completion(admission, result))
+    return completions
 
 
 def complete(
@@ -175,3 +384,27 @@ def complete(
 ) -> Completion:
     """Admit and generate in one call, for callers that do not stream."""
     return generate(admit(model, params), prompt, on_token=on_token)
+
+
+async def aadmit(model: str, params: SamplingParams) -> Admission:
+    """`admit` for async views: the base model loads in a worker thread, the database query in Django's."""
+    await asyncio.to_thread(get_engine)
+    return await sync_to_async(admit)(model, params)
+
+
+async def asubmit(
+    admissions: Sequence[Admission], prompt: str, *, on_tokens: Sequence[Callable[[str], None] | None] | None = None
+) -> list[GenerationHandle]:
+    """`submit` for async views, in a worker thread because reading a cold adapter blocks."""
+    return await asyncio.to_thread(submit, admissions, prompt, on_tokens=on_tokens)
+
+
+async def await_completion(admission: Admission, handle: GenerationHandle) -> Completion:
+    """Wait for a submitted request without blocking the event loop, and return its completion."""
+    from .serving.handles import wait_for_result
+
+    try:
+        result = await wait_for_result(handle)
+    except Exception as error:
+        raise service_error_for(error, admission) from error
+    return _completion(admission, result)

@@ -134,6 +134,23 @@ class AdapterVersion(models.Model):
         return render_message(PROMOTION_MESSAGES, self.promotion["code"], self.promotion.get("params", {}))
 
 
+class GoldenPrompt(models.Model):
+    """A prompt with the answer a task should give, scored for every new version."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="golden_prompts")
+    prompt = models.TextField(_("prompt"))
+    expected = models.TextField(_("expected answer"))
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+
+    class Meta:
+        ordering = ["task", "pk"]
+        verbose_name = _("golden prompt")
+        verbose_name_plural = _("golden prompts")
+
+    def __str__(self) -> str:
+        return self.prompt[:60]
+
+
 class ActivationEvent(models.Model):
     class Kind(models.TextChoices):
         AUTO = "auto", _("automatic after training")

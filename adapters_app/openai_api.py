@@ -2,25 +2,30 @@
 
 `model` is a task slug (served by its active version) or `slug@vN` (a fixed version).
 Responses follow OpenAI's shapes; loraweb adds a `loraweb` object with the version used.
+The completions view is async: under ASGI it awaits the scheduler thread instead of holding
+one of Django's threads while tokens are generated.
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import threading
 import time
 import uuid
-from typing import Iterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.translation import gettext as _
 from ninja import Router, Schema
 from pydantic import Field
 
-from .inference import Admission, Completion, SamplingParams, admit, complete, generate
+from .inference import Admission, Completion, SamplingParams, aadmit, asubmit, await_completion
 from .models import Task
+from .serving.handles import AsyncEvents
 from .services import ServiceError
+
+if TYPE_CHECKING:
+    from .serving.scheduler import GenerationHandle
 
 router = Router(tags=["openai"])
 
@@ -78,15 +83,7 @@ def _extras(completion: Completion) -> dict:
     }
 
 
-@router.post("/completions")
-def create_completion(request: HttpRequest, payload: CompletionIn):
-    prompt = _prompt(payload)
-    params = _params(payload)
-    if payload.stream:
-        # Admission errors (unknown model, limits) still get a plain HTTP error status.
-        return _stream(admit(payload.model, params), prompt)
-
-    completion = complete(payload.model, prompt, params)
+def _completion_body(completion: Completion) -> dict:
     result = completion.result
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -103,22 +100,28 @@ def create_completion(request: HttpRequest, payload: CompletionIn):
     }
 
 
-_DONE = object()
+@router.post("/completions")
+async def create_completion(request: HttpRequest, payload: CompletionIn):
+    """Answer one prompt; generation runs on the scheduler thread while this view only awaits."""
+    prompt = _prompt(payload)
+    params = _params(payload)
+    admission = await aadmit(payload.model, params)
+
+    # Submitting validates the prompt, loads the adapter and checks the queue, so those errors
+    # still get a plain HTTP error status when streaming.
+    events = AsyncEvents()
+    handles = await asubmit([admission], prompt, on_tokens=[events.on_token(0) if payload.stream else None])
+    if payload.stream:
+        events.watch(0, handles[0])
+        return _stream(admission, handles[0], events)
+
+    return _completion_body(await await_completion(admission, handles[0]))
 
 
-def _stream(admission: Admission, prompt: str) -> StreamingHttpResponse:
-    """Stream server-sent events while a background thread generates."""
-    pieces: queue.Queue = queue.Queue()
+def _stream(admission: Admission, handle: GenerationHandle, events: AsyncEvents) -> StreamingHttpResponse:
+    """Stream server-sent events as the scheduler produces tokens."""
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-
-    def produce() -> None:
-        try:
-            pieces.put(generate(admission, prompt, on_token=pieces.put))
-        except ServiceError as error:
-            pieces.put(error)
-        finally:
-            pieces.put(_DONE)
 
     def chunk(text: str, finish_reason: str | None, extras: dict | None = None) -> str:
         body = {
@@ -132,21 +135,28 @@ def _stream(admission: Admission, prompt: str) -> StreamingHttpResponse:
             body["loraweb"] = extras
         return f"data: {json.dumps(body)}\n\n"
 
-    def events() -> Iterator[str]:
-        threading.Thread(target=produce, name="completion-stream", daemon=True).start()
-        while True:
-            item = pieces.get()
-            if item is _DONE:
+    async def stream_events() -> AsyncIterator[str]:
+        try:
+            while True:
+                kind, _index, payload = await events.get()
+                if kind == "token":
+                    yield chunk(payload, None)
+                    continue
+                try:
+                    completion = await await_completion(admission, payload)
+                except ServiceError as error:
+                    error_body = {"error": {"message": error.message, "type": "server_error", "code": error.code}}
+                    yield f"data: {json.dumps(error_body)}\n\n"
+                else:
+                    yield chunk("", completion.result.finish_reason, _extras(completion))
                 break
-            if isinstance(item, ServiceError):
-                yield f"data: {json.dumps({'error': {'message': item.message, 'type': 'invalid_request_error', 'code': item.code}})}\n\n"
-            elif isinstance(item, Completion):
-                yield chunk("", item.result.finish_reason, _extras(item))
-            else:
-                yield chunk(item, None)
-        yield "data: [DONE]\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            # The client disconnected (the server closes this generator) or the stream ended;
+            # cancelling a finished request does nothing.
+            handle.cancel()
 
-    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response = StreamingHttpResponse(stream_events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response

@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import logging
 
+from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Prefetch
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.safestring import mark_safe
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
 from training_app.forms import DatasetUploadForm
 from training_app.models import TrainingJob
 
-from .forms import PlaygroundForm, ReasonForm, TaskForm
-from .inference import SamplingParams, complete
+from .forms import CompareForm, PlaygroundForm, ReasonForm, TaskForm
+from .playground import (
+    answer_label,
+    playground_admissions,
+    playground_answers,
+    playground_events,
+    playground_stream_start,
+    playground_texts,
+)
+from .inference import Admission
 from .models import ActivationEvent, AdapterVersion, Task
 from .services import ServiceError, task_create, version_activate
+from .compare import compare_versions, layer_map_svg
 from .transfer import UploadedPart, export_response, version_import
 
 logger = logging.getLogger(__name__)
@@ -78,7 +89,8 @@ def task_detail(request: HttpRequest, slug: str) -> HttpResponse:
     context = {
         "task": task,
         "versions": versions,
-        "datasets": task.datasets.order_by("-created_at"),
+        # Each dataset row names the versions trained on it.
+        "datasets": task.datasets.order_by("-created_at").prefetch_related("training_jobs__version"),
         "jobs": task.training_jobs.select_related("version")[:10],
         "events": events,
         "upload_form": DatasetUploadForm(),
@@ -134,20 +146,94 @@ def version_import_view(request: HttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
-def playground(request: HttpRequest) -> HttpResponse:
+def task_compare(request: HttpRequest, slug: str) -> HttpResponse:
+    task = get_object_or_404(Task.objects.select_related("active_version"), slug=slug)
+    ready = list(task.versions.filter(status=AdapterVersion.Status.READY).select_related("parent").order_by("number"))
+    form = CompareForm(request.GET or None, versions=ready)
+    comparison = None
+    layer_maps: list[tuple[str, str, str]] = []
+
+    if request.GET and form.is_valid():
+        chosen = [version for version in ready if str(version.number) in form.cleaned_data["versions"]]
+        comparison = compare_versions(
+            task, chosen, include_base=form.cleaned_data["include_base"], prompts=form.prompt_list()
+        )
+        largest = max(
+            [value for column in comparison.columns for value in (*column.update_norms.values(), *column.parent_shift.values())],
+            default=0.0,
+        )
+        for column in comparison.columns:
+            if column.version is None:
+                continue
+            update = layer_map_svg(column.update_norms, comparison.layers, largest, _("Size of B·A per layer"))
+            shift = ""
+            if column.parent_shift:
+                shift = layer_map_svg(column.parent_shift, comparison.layers, largest, _("Change from the parent per layer"))
+            layer_maps.append((column.label, mark_safe(update), mark_safe(shift)))
+
+    context = {"task": task, "form": form, "comparison": comparison, "layer_maps": layer_maps}
+    return render(request, "adapters_app/compare.html", context)
+
+
+def _playground_form(request: HttpRequest) -> tuple[PlaygroundForm, list[Admission]]:
+    """Build and validate the playground form, and admit its request when it was posted valid."""
     initial = {"task": request.GET.get("task")} if request.GET.get("task") else None
     form = PlaygroundForm(request.POST or None, initial=initial)
-    completion = None
-
+    admissions: list[Admission] = []
     if request.method == "POST" and form.is_valid():
-        params = SamplingParams(
-            max_tokens=form.cleaned_data["max_tokens"],
-            temperature=form.cleaned_data["temperature"],
-            top_p=form.cleaned_data["top_p"],
-        )
         try:
-            completion = complete(form.model_name(), form.cleaned_data["prompt"], params)
+            admissions = playground_admissions(form)
         except ServiceError as error:
             form.add_error(None, error.message)
+    return form, admissions
 
-    return render(request, "adapters_app/playground.html", {"form": form, "completion": completion})
+
+@login_required
+async def playground(request: HttpRequest) -> HttpResponse:
+    # Async, so that under ASGI the generation is awaited and no Django thread waits for it.
+    form, admissions = await sync_to_async(_playground_form)(request)
+    answers = []
+    if admissions:
+        try:
+            completions = await playground_answers(admissions, form.cleaned_data["prompt"])
+        except ServiceError as error:
+            form.add_error(None, error.message)
+        else:
+            answers = [(answer_label(admission), completion) for admission, completion in zip(admissions, completions)]
+
+    context = {"form": form, "answers": answers, "playground_texts": playground_texts()}
+    return await sync_to_async(render)(request, "adapters_app/playground.html", context)
+
+
+def _stream_form(request: HttpRequest) -> tuple[str, list[Admission]]:
+    form = PlaygroundForm(request.POST)
+    if not form.is_valid():
+        problems = [f"{field}: {' '.join(errors)}" if field != "__all__" else " ".join(errors) for field, errors in form.errors.items()]
+        raise ServiceError(_("The form is invalid: %(problems)s") % {"problems": "; ".join(problems)}, code="invalid_form")
+    return form.cleaned_data["prompt"], playground_admissions(form)
+
+
+def _error_response(error: ServiceError) -> JsonResponse:
+    response = JsonResponse({"error": {"message": error.message, "code": error.code}}, status=error.status_code)
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
+    return response
+
+
+@require_POST
+async def playground_stream(request: HttpRequest) -> HttpResponse:
+    """Stream the playground's answers as server-sent events (see playground.playground_events)."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return _error_response(ServiceError(_("Log in to use the playground."), code="login_required", status_code=401))
+    try:
+        prompt, admissions = await sync_to_async(_stream_form)(request)
+        handles, events = await playground_stream_start(admissions, prompt)
+    except ServiceError as error:
+        return _error_response(error)
+
+    response = StreamingHttpResponse(playground_events(admissions, handles, events), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response

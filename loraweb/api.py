@@ -45,11 +45,20 @@ def dataset_rejected(request: HttpRequest, exc: DatasetRejected) -> HttpResponse
     )
 
 
+def _with_retry_after(response: HttpResponse, exc: ServiceError) -> HttpResponse:
+    # A full generation queue (429) sends the client the seconds to wait before retrying.
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
+    return response
+
+
 @api.exception_handler(ServiceError)
 def service_error(request: HttpRequest, exc: ServiceError) -> HttpResponse:
-    return api.create_response(
+    response = api.create_response(
         request, {"errors": [{"line": None, "code": exc.code, "message": exc.message}]}, status=exc.status_code
     )
+    return _with_retry_after(response, exc)
 
 
 @api.exception_handler(ValidationError)
@@ -83,7 +92,8 @@ def _openai_error(request: HttpRequest, message: str, code: str, status: int, ki
 
 @openai_api.exception_handler(ServiceError)
 def openai_service_error(request: HttpRequest, exc: ServiceError) -> HttpResponse:
-    return _openai_error(request, exc.message, exc.code, exc.status_code)
+    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    return _with_retry_after(_openai_error(request, exc.message, exc.code, exc.status_code, kind), exc)
 
 
 @openai_api.exception_handler(ValidationError)

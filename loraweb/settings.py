@@ -42,7 +42,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    # WhiteNoise's own middleware is sync-only, which under ASGI would run every view behind
+    # it in Django's single sync thread; this subclass also runs async.
+    "loraweb.middleware.AsyncWhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -128,6 +130,14 @@ MEDIA_URL = "media/"
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 LORAWEB_MAX_UPLOAD_BYTES = env_int("LORAWEB_MAX_UPLOAD_BYTES", 200 * 1024 * 1024, minimum=1)
+# A gzip-compressed dataset may expand to at most this many bytes.
+LORAWEB_MAX_DECOMPRESSED_BYTES = env_int("LORAWEB_MAX_DECOMPRESSED_BYTES", 2 * 1024 * 1024 * 1024, minimum=1)
+# The first handler stops a file part over LORAWEB_MAX_UPLOAD_BYTES before it is stored.
+FILE_UPLOAD_HANDLERS = [
+    "training_app.uploads.UploadSizeLimitHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
 LORAWEB_MAX_ADAPTER_UPLOAD_BYTES = env_int("LORAWEB_MAX_ADAPTER_UPLOAD_BYTES", 512 * 1024 * 1024, minimum=1)
 
 # Base model: a Hugging Face id (local cache, else the hub) or a local directory.
@@ -144,6 +154,29 @@ LORAWEB_ADAPTER_CACHE_MAX_BYTES = env_int(
 )
 
 LORAWEB_MAX_NEW_TOKENS = env_int("LORAWEB_MAX_NEW_TOKENS", 256, minimum=1)
+
+# Serving: the base's dtype ("auto" is float32 on CPU and float16 on CUDA), and the tasks whose
+# active version stays loaded. When the engine starts, it loads the active versions of all
+# tasks, up to the cache limits.
+LORAWEB_DTYPE = env_str("LORAWEB_DTYPE", "auto")
+LORAWEB_PINNED_TASKS = env_list("LORAWEB_PINNED_TASKS", [])
+LORAWEB_PRELOAD_ADAPTERS = env_bool("LORAWEB_PRELOAD_ADAPTERS", True)
+# The scheduler waits this long after a request reaches an idle engine, so that requests
+# arriving together share one batch.
+LORAWEB_BATCH_WINDOW_MS = env_float("LORAWEB_BATCH_WINDOW_MS", 5.0)
+LORAWEB_MAX_BATCH_SIZE = env_int("LORAWEB_MAX_BATCH_SIZE", 16, minimum=1)
+# Requests waiting for a batch slot; one more gets HTTP 429 with Retry-After.
+LORAWEB_MAX_QUEUE = env_int("LORAWEB_MAX_QUEUE", 64, minimum=0)
+LORAWEB_REQUEST_TIMEOUT_S = env_float("LORAWEB_REQUEST_TIMEOUT_S", 120.0)
+if LORAWEB_REQUEST_TIMEOUT_S <= 0:
+    raise ImproperSetting(f"LORAWEB_REQUEST_TIMEOUT_S={LORAWEB_REQUEST_TIMEOUT_S} must be positive")
+if LORAWEB_BATCH_WINDOW_MS < 0:
+    raise ImproperSetting(f"LORAWEB_BATCH_WINDOW_MS={LORAWEB_BATCH_WINDOW_MS} must be 0 or more")
+# URL groups this process serves: "dashboard" (pages and /api/v1/, never loads the model),
+# "inference" (/v1/ and the playground stream) or "all".
+LORAWEB_ROLE = env_str("LORAWEB_ROLE", "all")
+if LORAWEB_ROLE not in {"all", "dashboard", "inference"}:
+    raise ImproperSetting(f"LORAWEB_ROLE={LORAWEB_ROLE!r} is invalid; use all, dashboard or inference")
 LORAWEB_ADAPTER_ROOT = env_path("LORAWEB_ADAPTER_ROOT", VAR_DIR / "adapters")
 
 # Training jobs: a job whose heartbeat is older than this is marked failed by the sweeper.

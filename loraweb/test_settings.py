@@ -23,3 +23,10 @@ CELERY_TASK_DEFAULT_QUEUE = env_str("LORAWEB_CELERY_QUEUE", f"loraweb-test-{os.g
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 LORAWEB_TORCH_THREADS = 2
+
+# One test database per pytest process, so two suites run at once on one checkout do not
+# drop each other's tables. The worker a suite starts is given the same path.
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
+    DATABASES["default"]["TEST"]["NAME"] = env_path(  # noqa: F405
+        "LORAWEB_SQLITE_TEST_PATH", TEST_DIR / f"loraweb-test-{os.getpid()}.sqlite3"
+    )

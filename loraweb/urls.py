@@ -5,6 +5,8 @@ from django.contrib.auth import views as auth_views
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 
+from adapters_app import urls as adapters_urls
+
 from .api import api, openai_api
 
 
@@ -12,17 +14,30 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
-urlpatterns = [
-    path("", include("adapters_app.urls")),
-    path("training/", include("training_app.urls")),
-    path("admin/", admin.site.urls),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
-    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("i18n/", include("django.conf.urls.i18n")),
-    path("api/v1/", api.urls),
-    path("v1/", openai_api.urls),
-    path("healthz", healthz, name="healthz"),
-]
+def urlpatterns_for_role(role: str) -> list:
+    """Return the URL patterns that a process with LORAWEB_ROLE=`role` serves.
+
+    "dashboard" serves pages, the admin and /api/v1/, and its generation endpoints answer 503.
+    "inference" serves /v1/ and the playground stream only. "all" serves everything.
+    """
+    pages = [
+        path("training/", include("training_app.urls")),
+        path("admin/", admin.site.urls),
+        path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+        path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+        path("i18n/", include("django.conf.urls.i18n")),
+        path("api/v1/", api.urls),
+    ]
+    openai = [path("v1/", openai_api.urls)]
+    health = [path("healthz", healthz, name="healthz")]
+    if role == "inference":
+        return [path("", include((adapters_urls.inference_urlpatterns, "adapters_app"))), *openai, *health]
+    if role == "dashboard":
+        return [path("", include("adapters_app.urls")), *pages, *health]
+    return [path("", include("adapters_app.urls")), *pages, *openai, *health]
+
+
+urlpatterns = urlpatterns_for_role(settings.LORAWEB_ROLE)
 
 if settings.DEBUG:
     urlpatterns += static(settings.MEDIA_URL, document_root=settings.MEDIA_ROOT)

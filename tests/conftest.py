@@ -31,3 +31,11 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATASETS}")
     return SHARED_DATASETS
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The real GPT-2 tokenizer that upload validation and training use."""
+    from adapters_app.serving.base import build_gpt2_tokenizer
+
+    return build_gpt2_tokenizer()

@@ -15,9 +15,17 @@ class DatasetAdmin(admin.ModelAdmin):
     readonly_fields = (
         "task", "original_name", "stored_name", "format", "encoding", "sha256", "size_bytes", "num_examples",
         "num_train", "num_validation", "num_duplicates", "split_seed", "created_by", "created_at",
+        "prepared_name", "shape", "compression", "delimiter", "encoding_detected", "max_length", "on_too_long",
+        "drop_duplicates", "prompt_column", "completion_column", "num_truncated", "token_total", "token_mean",
+        "token_p95", "token_max", "length_histogram", "preview",
     )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Dataset | None = None) -> bool:
+        # Deleting here would skip the check that no version used the dataset and leave its
+        # files behind, so datasets are deleted from their own page or the API.
         return False
 
 

@@ -23,6 +23,31 @@ class Dataset(models.Model):
     num_validation = models.PositiveIntegerField(_("validation examples"))
     num_duplicates = models.PositiveIntegerField(_("duplicates"), default=0)
     split_seed = models.IntegerField(_("split seed"), default=0)
+    # The examples as training reads them (after conversion, truncation and dropping
+    # duplicates), one JSON object per line. Empty for datasets stored before this file
+    # existed; those are parsed from the uploaded file again.
+    prepared_name = models.CharField(max_length=255, blank=True)
+    shape = models.CharField(_("layout"), max_length=32, blank=True)
+    compression = models.CharField(_("compression"), max_length=16, blank=True)
+    delimiter = models.CharField(_("delimiter"), max_length=1, blank=True)
+    # True when the encoding was detected and the file converted to UTF-8 from it.
+    encoding_detected = models.BooleanField(_("encoding detected"), default=False)
+    # Upload options.
+    max_length = models.PositiveIntegerField(_("maximum length (tokens)"), default=1024)
+    on_too_long = models.CharField(_("examples over the maximum length"), max_length=16, default="reject")
+    drop_duplicates = models.BooleanField(_("drop duplicates"), default=False)
+    prompt_column = models.CharField(_("prompt column"), max_length=255, blank=True)
+    completion_column = models.CharField(_("completion column"), max_length=255, blank=True)
+    # Length statistics in GPT-2 tokens per example, as training counts them.
+    num_truncated = models.PositiveIntegerField(_("truncated examples"), default=0)
+    token_total = models.BigIntegerField(_("tokens"), default=0)
+    token_mean = models.FloatField(_("mean tokens per example"), default=0.0)
+    token_p95 = models.PositiveIntegerField(_("95th percentile of tokens per example"), default=0)
+    token_max = models.PositiveIntegerField(_("maximum tokens per example"), default=0)
+    # {"bin_width": w, "counts": [...]}: bar i counts examples of w*i to w*(i+1)-1 tokens.
+    length_histogram = models.JSONField(default=dict, blank=True)
+    # The first stored examples: [{"prompt", "completion", "tokens", "truncated"}, ...].
+    preview = models.JSONField(default=list, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -40,6 +65,11 @@ class Dataset(models.Model):
     def eval_key(self) -> str:
         """Key under which a version's metrics store the loss on this dataset's validation split."""
         return f"dataset-{self.pk}"
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether upload computed token statistics (datasets stored before that did not)."""
+        return bool(self.prepared_name)
 
 
 class TrainingJob(models.Model):
@@ -66,7 +96,12 @@ class TrainingJob(models.Model):
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
     last_loss = models.FloatField(null=True, blank=True)
+    # [step, loss] pairs of the training loss and of the validation points.
     loss_history = models.JSONField(default=list, blank=True)
+    eval_history = models.JSONField(default=list, blank=True)
+    tokens_seen = models.BigIntegerField(default=0)
+    # Seconds since the worker started the run, as of the last progress write.
+    elapsed_seconds = models.FloatField(default=0.0)
     log = models.JSONField(default=list, blank=True)
     error = models.TextField(_("error"), blank=True)
     cancel_requested = models.BooleanField(default=False)
@@ -91,3 +126,16 @@ class TrainingJob(models.Model):
     @property
     def is_final(self) -> bool:
         return self.state in self.FINAL_STATES
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if not self.elapsed_seconds or not self.tokens_seen:
+            return None
+        return self.tokens_seen / self.elapsed_seconds
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the pace of the steps so far; None before the first step."""
+        if self.is_final or not self.step or not self.total_steps:
+            return None
+        return self.elapsed_seconds / self.step * (self.total_steps - self.step)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import shutil
 import socket
-import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -23,8 +21,24 @@ from django.utils.translation import gettext as _
 from adapters_app.models import AdapterVersion, Task
 from adapters_app.services import ServiceError, version_allocate
 
-from .ingest import DatasetInvalid, Example, ParsedDataset, Problem, parse_dataset, split_examples
-from .messages import problem_message
+from .dataset_services import (  # noqa: F401 - views, the API and the demo call these through services
+    DatasetRejected,
+    UploadOutcome,
+    dataset_delete,
+    dataset_directory,
+    dataset_examples,
+    dataset_path,
+    dataset_preview,
+    dataset_split,
+    dataset_upload,
+    dataset_versions,
+    encoding_note,
+    format_description,
+    prepared_path,
+    upload_options,
+    upload_too_large_error,
+)
+from .ingest import Example
 from .models import Dataset, TrainingJob
 from .promotion import promote_version
 
@@ -33,147 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_EXTENSIONS = (".jsonl", ".csv", ".txt")
-SPLIT_SEED = 0
 JOB_LOG_LINES = 200
-
-
-class DatasetRejected(ServiceError):
-    """An upload failed validation; nothing was stored."""
-
-    def __init__(self, problems: list[Problem], total: int):
-        self.problems = problems
-        self.total = total
-        super().__init__(
-            _("The dataset has %(count)s problem(s); fix them and upload again.") % {"count": total},
-            code="invalid_dataset",
-        )
-
-    def as_list(self) -> list[dict]:
-        return [
-            {"line": problem.line, "code": problem.code, "message": problem_message(problem)}
-            for problem in self.problems
-        ]
-
-
-# --- datasets -----------------------------------------------------------------
-
-
-def dataset_directory() -> Path:
-    return Path(settings.MEDIA_ROOT) / "datasets"
-
-
-def dataset_path(dataset: Dataset) -> Path:
-    return dataset_directory() / dataset.stored_name
-
-
-def _extension(original_name: str) -> str:
-    return Path(original_name).suffix.lower()
-
-
-def _copy_upload(source: IO[bytes] | Iterable[bytes], destination: Path) -> int:
-    """Stream an upload to disk, stopping as soon as it exceeds the size limit."""
-    limit = settings.LORAWEB_MAX_UPLOAD_BYTES
-    written = 0
-    chunks = source.chunks() if hasattr(source, "chunks") else iter(lambda: source.read(1 << 20), b"")
-    with destination.open("wb") as out:
-        for chunk in chunks:
-            written += len(chunk)
-            if written > limit:
-                raise ServiceError(
-                    _("The file is larger than the limit of %(limit)s bytes; split it or raise LORAWEB_MAX_UPLOAD_BYTES.")
-                    % {"limit": limit},
-                    code="file_too_large",
-                    status_code=413,
-                )
-            out.write(chunk)
-    return written
-
-
-@dataclass(frozen=True)
-class UploadOutcome:
-    dataset: Dataset
-    created: bool
-
-
-def dataset_upload(
-    task: Task,
-    upload: IO[bytes],
-    *,
-    original_name: str,
-    user: AbstractBaseUser | None = None,
-) -> UploadOutcome:
-    """Validate an uploaded file completely, then store it under a generated name.
-
-    Nothing is stored when validation fails. The same file uploaded twice to one task
-    returns the existing dataset.
-    """
-    display_name = Path(original_name.replace("\\", "/")).name[:255] or "dataset"
-    extension = _extension(display_name)
-    if extension not in ALLOWED_EXTENSIONS:
-        raise ServiceError(
-            _("“%(name)s” is not a supported file type; upload .jsonl, .csv or .txt.") % {"name": display_name},
-            code="unsupported_extension",
-        )
-
-    directory = dataset_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(dir=directory, prefix=".upload-", suffix=extension)
-    os.close(handle)
-    temporary = Path(temporary_name)
-    try:
-        _copy_upload(upload, temporary)
-        try:
-            parsed = parse_dataset(temporary, display_name)
-        except DatasetInvalid as invalid:
-            logger.info("Rejected upload %r for task %s: %d problems", display_name, task.slug, invalid.total_problems)
-            raise DatasetRejected(invalid.problems, invalid.total_problems) from None
-
-        existing = task.datasets.filter(sha256=parsed.sha256).first()
-        if existing is not None:
-            return UploadOutcome(dataset=existing, created=False)
-
-        train, validation = split_examples(parsed.examples, seed=SPLIT_SEED)
-        stored_name = f"{task.pk}-{uuid.uuid4().hex}{extension}"
-        final_path = directory / stored_name
-        os.replace(temporary, final_path)
-        try:
-            dataset = Dataset.objects.create(
-                task=task,
-                original_name=display_name,
-                stored_name=stored_name,
-                format=parsed.format,
-                encoding=parsed.encoding,
-                sha256=parsed.sha256,
-                size_bytes=parsed.size_bytes,
-                num_examples=len(parsed.examples),
-                num_train=len(train),
-                num_validation=len(validation),
-                num_duplicates=parsed.duplicates,
-                split_seed=SPLIT_SEED,
-                created_by=user if user is not None and user.is_authenticated else None,
-            )
-        except Exception:
-            final_path.unlink(missing_ok=True)
-            raise
-    finally:
-        temporary.unlink(missing_ok=True)
-
-    logger.info("Stored dataset %s for task %s: %d examples", dataset.pk, task.slug, dataset.num_examples)
-    return UploadOutcome(dataset=dataset, created=True)
-
-
-def dataset_parse(dataset: Dataset) -> ParsedDataset:
-    return parse_dataset(dataset_path(dataset), dataset.original_name)
-
-
-def dataset_split(dataset: Dataset) -> tuple[list[Example], list[Example]]:
-    """Return the train and validation examples of a stored dataset (deterministic)."""
-    return split_examples(dataset_parse(dataset).examples, seed=dataset.split_seed)
-
-
-def dataset_preview(dataset: Dataset, limit: int = 10) -> list[Example]:
-    return dataset_parse(dataset).examples[:limit]
 
 
 # --- training jobs --------------------------------------------------------------
@@ -186,10 +60,12 @@ def training_start(
     warm_start: bool | None = None,
     hyperparameters: dict | None = None,
     user: AbstractBaseUser | None = None,
+    enqueue: bool = True,
 ) -> TrainingJob:
     """Create version N+1 and its job in one transaction, and queue the job after commit.
 
     `warm_start=None` means: continue from the active version when the task has one.
+    With `enqueue=False` the caller runs the job itself (`manage.py train`).
     """
     from .trainer import ConfigError, TrainingConfig
 
@@ -231,7 +107,8 @@ def training_start(
             created_by=user if user is not None and user.is_authenticated else None,
         )
         job.datasets.set(datasets)
-        transaction.on_commit(lambda: _enqueue(job.pk))
+        if enqueue:
+            transaction.on_commit(lambda: _enqueue(job.pk))
 
     logger.info(
         "Queued job %s: task %s v%d from %s on datasets %s",
@@ -282,31 +159,53 @@ def _claim(job_id: int) -> bool:
     return claimed == 1
 
 
-def _eval_sets_for(task: Task, job: TrainingJob) -> dict[str, list[Example]]:
-    """Validation splits of every dataset the task has trained on, plus this job's datasets.
+def _eval_datasets(task: Task, job: TrainingJob) -> list[Dataset]:
+    """Every dataset the task has trained on, plus this job's datasets.
 
     Scoring old datasets too is what makes forgetting visible after a retrain.
     """
     used = Dataset.objects.filter(
         Q(training_jobs__task=task, training_jobs__state=TrainingJob.State.SUCCEEDED) | Q(training_jobs=job)
     ).distinct()
-    return {dataset.eval_key: dataset_split(dataset)[1] for dataset in used.order_by("pk")}
+    return list(used.order_by("pk"))
+
+
+def _eval_sets_for(task: Task, job: TrainingJob) -> dict[str, list[Example]]:
+    return {dataset.eval_key: dataset_split(dataset)[1] for dataset in _eval_datasets(task, job)}
+
+
+def _thin(points: list[list[float]], limit: int = 400) -> list[list[float]]:
+    """Keep at most `limit` evenly spaced points (and the last), so long runs stay cheap to store."""
+    if len(points) <= limit:
+        return points
+    stride = len(points) / limit
+    kept = [points[int(index * stride)] for index in range(limit)]
+    if kept[-1] is not points[-1]:
+        kept.append(points[-1])
+    return kept
 
 
 class _JobReporter:
     """Write progress, heartbeats and cancel checks to the job row, at most once a second."""
 
-    def __init__(self, job_id: int):
+    def __init__(self, job_id: int, listener: Callable[[Progress], None] | None = None):
         self.job_id = job_id
+        self.listener = listener
         self.last_write = 0.0
         self.cancel_requested = False
         self.history: list[list[float]] = []
+        self.eval_history: list[list[float]] = []
 
     def on_progress(self, progress: Progress) -> None:
         self.history.append([progress.step, round(progress.loss, 5)])
+        if progress.eval_loss is not None:
+            self.eval_history.append([progress.step, round(progress.eval_loss, 5)])
+        if self.listener is not None:
+            self.listener(progress)
+
         now = time.monotonic()
         final = progress.step >= progress.total_steps
-        if not final and now - self.last_write < 1.0:
+        if not final and progress.eval_loss is None and now - self.last_write < 1.0:
             return
         self.last_write = now
         TrainingJob.objects.filter(pk=self.job_id).update(
@@ -314,7 +213,10 @@ class _JobReporter:
             total_steps=progress.total_steps,
             progress=min(progress.step / max(progress.total_steps, 1), 1.0),
             last_loss=progress.loss,
-            loss_history=self.history[-500:],
+            loss_history=_thin(self.history),
+            eval_history=self.eval_history,
+            tokens_seen=progress.tokens_seen,
+            elapsed_seconds=progress.elapsed_seconds,
             heartbeat_at=timezone.now(),
         )
         self.cancel_requested = TrainingJob.objects.filter(pk=self.job_id, cancel_requested=True).exists()
@@ -323,7 +225,7 @@ class _JobReporter:
         return self.cancel_requested
 
 
-def training_run(job_id: int) -> None:
+def training_run(job_id: int, *, listener: Callable[[Progress], None] | None = None) -> None:
     """Run a queued job to a final state: succeeded, failed or cancelled, never stuck."""
     from .trainer import TrainingCancelled, train_lora
 
@@ -335,7 +237,7 @@ def training_run(job_id: int) -> None:
     job = TrainingJob.objects.select_related("task", "version", "warm_start_from").get(pk=job_id)
     task, version = job.task, job.version
     _append_log(job_id, "started", host=socket.gethostname())
-    reporter = _JobReporter(job_id)
+    reporter = _JobReporter(job_id, listener)
     output_dir = Path(settings.LORAWEB_ADAPTER_ROOT) / task.slug / f"v{version.number}-{uuid.uuid4().hex[:8]}"
 
     try:
@@ -368,6 +270,7 @@ def training_run(job_id: int) -> None:
             torch_threads=settings.LORAWEB_TORCH_THREADS,
             on_progress=reporter.on_progress,
             should_stop=reporter.should_stop,
+            record_extra={"datasets": _dataset_records(task, job)},
         )
     except TrainingCancelled:
         _finish(job_id, TrainingJob.State.CANCELLED, AdapterVersion.Status.CANCELLED, "")
@@ -396,12 +299,32 @@ def _finish(job_id: int, state: str, version_status: str, error: str) -> None:
         AdapterVersion.objects.filter(pk=job.version_id).update(status=version_status)
 
 
+def _dataset_records(task: Task, job: TrainingJob) -> list[dict]:
+    """What a version needs to be reproduced: each dataset's hash and split, trained on or scored."""
+    trained = set(job.datasets.values_list("pk", flat=True))
+    records = []
+    for dataset in _eval_datasets(task, job):
+        records.append(
+            {
+                "id": dataset.pk,
+                "file_name": dataset.original_name,
+                "sha256": dataset.sha256,
+                "split_seed": dataset.split_seed,
+                "role": "train and validation" if dataset.pk in trained else "validation",
+            }
+        )
+    return records
+
+
 def _record_result(job: TrainingJob, result: TrainingResult, output_dir: Path) -> None:
     """Store the finished version's files and metrics, then apply the promotion rule."""
     version = job.version
     metrics = result.to_dict()
     for key in ("output_dir", "base_weight_hash"):
         metrics.pop(key, None)
+    # The reproducibility record, as written next to the adapter, minus the loss curves.
+    record = json.loads((output_dir / "training_record.json").read_text(encoding="utf-8"))
+    metrics["record"] = {key: value for key, value in record.items() if key not in ("train_loss", "eval_loss")}
 
     with transaction.atomic():
         AdapterVersion.objects.filter(pk=version.pk).update(
@@ -418,7 +341,25 @@ def _record_result(job: TrainingJob, result: TrainingResult, output_dir: Path) -
         )
 
     version.refresh_from_db()
+    _score_golden(version)
     promote_version(job, version, result)
+
+
+def _score_golden(version: AdapterVersion) -> None:
+    """Add golden-prompt scores to the version's metrics; a failure here never fails the job."""
+    from adapters_app.base_model import current_base_choice
+    from adapters_app.golden import score_golden_prompts
+
+    try:
+        golden = score_golden_prompts(version, current_base_choice().path)
+    except Exception as error:  # noqa: BLE001 - the version is trained and stored; scoring is extra
+        logger.exception("Scoring golden prompts of %s failed", version)
+        golden = {"error": f"{type(error).__name__}: {error}"}
+    if golden is None:
+        return
+    metrics = {**version.metrics, "golden": golden}
+    AdapterVersion.objects.filter(pk=version.pk).update(metrics=metrics)
+    version.metrics = metrics
 
 
 def sweep_stale_jobs() -> int:

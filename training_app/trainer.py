@@ -83,6 +83,8 @@ class Progress:
     # Non-padding input tokens processed so far.
     tokens_seen: int
     elapsed_seconds: float
+    # Mean validation loss over a sample of every eval set, on the steps that measure it.
+    eval_loss: float | None = None
 
 
 @dataclass
@@ -222,31 +224,36 @@ def _train_loop(
     on_progress: Callable[[Progress], None] | None,
     should_stop: Callable[[], bool] | None,
     progress_every: int,
+    periodic_eval: Callable[[], float] | None = None,
 ) -> _LoopOutcome:
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    accumulation = config.gradient_accumulation_steps
+    micro_batches_per_epoch = math.ceil(len(examples) / config.batch_size)
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / accumulation)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    eval_every = _eval_interval(config.eval_every, total_steps) if periodic_eval is not None else None
 
     trainable = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    scheduler = _make_scheduler(config.lr_schedule, optimizer, warmup_steps, total_steps)
     lengths = [len(example) for example in examples]
 
     step = 0
     tokens_seen = 0
     train_loss: list[tuple[int, float]] = []
     losses_since_report: list[float] = []
+    pending: list[float] = []
     peft_model.train()
 
     for epoch in range(1, config.epochs + 1):
-        for indices in length_grouped_batches(lengths, config.batch_size, config.seed, epoch):
+        batches = list(length_grouped_batches(lengths, config.batch_size, config.seed, epoch))
+        for position, indices in enumerate(batches):
             if step >= total_steps:
                 break
             if should_stop is not None and should_stop():
@@ -269,7 +276,13 @@ def _train_loop(
                     f"lower learning_rate (now {config.learning_rate})"
                 )
 
-            loss.backward()
+            # Each micro-batch contributes 1/accumulation of the step's gradient.
+            (loss / accumulation).backward()
+            pending.append(float(loss.item()))
+            last_in_epoch = position == len(batches) - 1
+            if len(pending) < accumulation and not last_in_epoch:
+                continue
+
             torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
             learning_rate = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -277,11 +290,18 @@ def _train_loop(
             optimizer.zero_grad(set_to_none=True)
 
             step += 1
-            step_loss = float(loss.item())
+            step_loss = sum(pending) / len(pending)
+            pending = []
             train_loss.append((step, step_loss))
             losses_since_report.append(step_loss)
 
-            if on_progress is not None and (step % progress_every == 0 or step == total_steps):
+            eval_loss = None
+            if eval_every is not None and (step % eval_every == 0 or step == total_steps):
+                eval_loss = periodic_eval()
+                peft_model.train()
+
+            report = step % progress_every == 0 or step == total_steps or eval_loss is not None
+            if on_progress is not None and report:
                 on_progress(
                     Progress(
                         step=step,
@@ -291,11 +311,41 @@ def _train_loop(
                         learning_rate=learning_rate,
                         tokens_seen=tokens_seen,
                         elapsed_seconds=time.monotonic() - started,
+                        eval_loss=eval_loss,
                     )
                 )
                 losses_since_report = []
 
     return _LoopOutcome(steps=step, tokens_seen=tokens_seen, train_loss=train_loss)
+
+
+# Examples per eval set in the validation points taken during training.
+PERIODIC_EVAL_EXAMPLES = 64
+
+# Validation points per run when `eval_every` is 0.
+AUTO_EVAL_POINTS = 8
+
+
+def _eval_interval(eval_every: int | None, total_steps: int) -> int | None:
+    if eval_every is None:
+        return None
+    if eval_every == 0:
+        return max(1, math.ceil(total_steps / AUTO_EVAL_POINTS))
+    return eval_every
+
+
+def _make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    if name == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    if name == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
 def train_lora(
@@ -311,8 +361,12 @@ def train_lora(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress_every: int = 1,
+    record_extra: Mapping[str, Any] | None = None,
 ) -> TrainingResult:
     """Train a LoRA adapter on the frozen base at `base_path` and save it to `output_dir`.
+
+    `record_extra` is added to the adapter's training_record.json, for facts only the caller
+    knows (which datasets, their hashes and split seeds).
 
     A fresh adapter is built from `config`. With `init_adapter_dir` the parent adapter is loaded
     and trained further, keeping its rank, alpha, dropout and target modules. `output_dir` must
@@ -360,6 +414,7 @@ def train_lora(
             on_progress=on_progress,
             should_stop=should_stop,
             progress_every=progress_every,
+            record_extra=record_extra or {},
         )
     except TrainingCancelled:
         logger.info("Training of %s cancelled after %.1f s", output_dir, time.monotonic() - started)
@@ -395,6 +450,7 @@ def _train_and_save(
     on_progress: Callable[[Progress], None] | None,
     should_stop: Callable[[], bool] | None,
     progress_every: int,
+    record_extra: Mapping[str, Any],
 ) -> TrainingResult:
     import torch
 
@@ -420,6 +476,14 @@ def _train_and_save(
     if init_adapter_dir is not None:
         initial_eval_loss = evaluate_model(peft_model, eval_tokenized, **eval_options)
 
+    # The live chart needs validation points during training; a bounded sample of each set
+    # keeps them cheap, and the full splits are scored once at the end.
+    sampled_sets = {name: examples[:PERIODIC_EVAL_EXAMPLES] for name, examples in eval_tokenized.items()}
+
+    def periodic_eval() -> float:
+        losses = evaluate_model(peft_model, sampled_sets, **eval_options)
+        return sum(losses.values()) / len(losses)
+
     outcome = _train_loop(
         peft_model,
         train_tokenized,
@@ -430,6 +494,7 @@ def _train_and_save(
         on_progress=on_progress,
         should_stop=should_stop,
         progress_every=progress_every,
+        periodic_eval=periodic_eval if sampled_sets else None,
     )
     if should_stop is not None and should_stop():
         raise TrainingCancelled(f"Training stopped on request after {outcome.steps} steps")
@@ -457,7 +522,7 @@ def _train_and_save(
         parent_adapter=Path(init_adapter_dir).name if init_adapter_dir is not None else None,
         config=effective,
     )
-    _save_atomically(peft_model, base, result, init_adapter_dir, started)
+    _save_atomically(peft_model, base, result, init_adapter_dir, started, record_extra)
     return result
 
 
@@ -493,6 +558,7 @@ def _save_atomically(
     result: TrainingResult,
     init_adapter_dir: Path | None,
     started: float,
+    record_extra: Mapping[str, Any],
 ) -> None:
     """Save adapter and record into a hidden sibling folder, then rename it to `output_dir`.
 
@@ -520,7 +586,7 @@ def _save_atomically(
             )
 
         result.wall_seconds = time.monotonic() - started
-        record = _training_record(base, result, init_adapter_dir)
+        record = {**_training_record(base, result, init_adapter_dir), **record_extra}
         (temporary_dir / TRAINING_RECORD_FILE).write_text(
             json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )

@@ -21,6 +21,27 @@ MAX_BATCH_SIZE = 1024
 MAX_SEED = 2**32 - 1
 
 
+LR_SCHEDULES = ("linear", "cosine", "constant")
+MAX_ACCUMULATION = 1024
+
+# Named starting points for the form and the API; explicit values override a preset's.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A first look in minutes: small rank, one pass, a high rate.
+    "quick": {"rank": 4, "alpha": 8, "epochs": 1, "learning_rate": 1e-3, "eval_every": 0},
+    # The defaults: rank 8 on all three module kinds, three passes.
+    "balanced": {},
+    # More capacity and passes, with a cosine schedule that settles at the end.
+    "thorough": {
+        "rank": 16,
+        "alpha": 32,
+        "epochs": 5,
+        "learning_rate": 3e-4,
+        "lr_schedule": "cosine",
+        "warmup_ratio": 0.1,
+    },
+}
+
+
 class ConfigError(ValueError):
     """A training hyperparameter is missing, of the wrong type or out of range."""
 
@@ -81,6 +102,13 @@ class TrainingConfig:
     # Upper bound on optimizer steps. Unlike Hugging Face's `max_steps` it does not override
     # `epochs`, so a run takes min(max_steps, epochs * batches per epoch) steps.
     max_steps: int | None = None
+    lr_schedule: str = "linear"
+    # Micro-batches whose gradients are summed before one optimizer step, so the effective
+    # batch is batch_size * gradient_accumulation_steps without the memory of a larger batch.
+    gradient_accumulation_steps: int = 1
+    # Optimizer steps between validation losses for the live chart: 0 means about eight
+    # points per run, None means only the final evaluation.
+    eval_every: int | None = 0
 
     def __post_init__(self) -> None:
         # JSON has no tuples, so configs read back from a request or a record carry a list.
@@ -106,6 +134,13 @@ class TrainingConfig:
         _check_int("seed", self.seed, 0, MAX_SEED)
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1, 2**31 - 1)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"lr_schedule={self.lr_schedule!r} is not a known schedule; allowed: {', '.join(LR_SCHEDULES)}"
+            )
+        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, MAX_ACCUMULATION)
+        if self.eval_every is not None:
+            _check_int("eval_every", self.eval_every, 0, 2**31 - 1)
         return self
 
     def _validate_target_modules(self) -> None:
@@ -126,15 +161,25 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
-        """Build and validate a config from a mapping; missing keys keep their defaults."""
+        """Build and validate a config from a mapping; missing keys keep their defaults.
+
+        A `preset` key names one of PRESETS, whose values apply before the other keys.
+        """
+        values = dict(data)
+        preset = values.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"preset={preset!r} is not a known preset; allowed: {', '.join(PRESETS)}")
+            values = {**PRESETS[preset], **values}
+
         known = {field.name for field in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
                 f"Unknown training parameter(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(sorted(known))}"
+                f"allowed: preset, {', '.join(sorted(known))}"
             )
-        return cls(**data).validate()
+        return cls(**values).validate()
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as JSON-safe values, readable again by `from_dict`."""

@@ -24,7 +24,11 @@ BATCHES_PER_LENGTH_CHUNK = 16
 
 
 class ExampleLike(Protocol):
-    """A training or evaluation example. An empty prompt marks a text-only example."""
+    """A training or evaluation example. An empty prompt marks a text-only example.
+
+    An example whose optional `truncated` attribute is true had its completion cut at upload,
+    so training appends no EOS to it.
+    """
 
     @property
     def prompt(self) -> str: ...
@@ -72,14 +76,18 @@ def tokenize_example(
     completion_ids: list[int],
     eos_token_id: int,
     max_length: int,
+    *,
+    append_eos: bool = True,
 ) -> TokenizedExample:
     """Join prompt and completion ids, append EOS and cut the result to `max_length` tokens.
 
     The completion's tail is cut first, so the prompt survives whenever it fits. A prompt of
     `max_length` tokens or more loses its head and keeps its end, which contains the separator,
     plus the first completion token, so every example still has a token to learn from.
+    `append_eos=False` is for completions that upload already cut short: the model must not
+    learn to stop where the cut is.
     """
-    completion_ids = [*completion_ids, eos_token_id]
+    completion_ids = [*completion_ids, eos_token_id] if append_eos else list(completion_ids)
     truncated = len(prompt_ids) + len(completion_ids) > max_length
 
     if truncated:
@@ -112,20 +120,44 @@ def tokenize_examples(
     if eos_token_id is None:
         raise ValueError("The tokenizer has no EOS token, so completions cannot learn to stop")
 
-    # Batched calls let the fast tokenizer work on all examples in one pass.
+    prompt_ids, completion_ids = tokenize_parts(tokenizer, examples)
+
+    tokenized = []
+    for example, example_prompt_ids, example_completion_ids in zip(
+        examples, prompt_ids, completion_ids
+    ):
+        tokenized.append(
+            tokenize_example(
+                list(example_prompt_ids),
+                list(example_completion_ids),
+                eos_token_id,
+                max_length,
+                append_eos=not getattr(example, "truncated", False),
+            )
+        )
+    return tokenized
+
+
+def tokenize_parts(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[ExampleLike]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Return the token ids of each prompt, laid out by `format_prompt`, and of each completion.
+
+    EOS is not included. Batched calls let the fast tokenizer work on all examples in one pass.
+    """
     prompts = [format_prompt(example.prompt) for example in examples]
     completions = [example.completion for example in examples]
     prompt_ids = tokenizer(prompts)["input_ids"] if prompts else []
     completion_ids = tokenizer(completions)["input_ids"] if completions else []
+    return prompt_ids, completion_ids
 
-    tokenized = []
-    for example_prompt_ids, example_completion_ids in zip(prompt_ids, completion_ids):
-        tokenized.append(
-            tokenize_example(
-                list(example_prompt_ids), list(example_completion_ids), eos_token_id, max_length
-            )
-        )
-    return tokenized
+
+def example_token_counts(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[ExampleLike]
+) -> list[tuple[int, int]]:
+    """Return (prompt tokens, completion tokens) per example as training counts them, without EOS."""
+    prompt_ids, completion_ids = tokenize_parts(tokenizer, examples)
+    return [(len(prompt), len(completion)) for prompt, completion in zip(prompt_ids, completion_ids)]
 
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> Batch:
@@ -185,10 +217,11 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     import torch.nn.functional as functional
 
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
+    # Shifting the labels instead of the logits avoids copying the (batch, sequence,
+    # vocabulary) tensor, the largest in a GPT-2 step: the last position gets no label.
+    shifted_labels = functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     loss_sum = functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        logits.float().reshape(-1, logits.size(-1)),
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",

@@ -64,19 +64,44 @@ class AdapterError(ValueError):
 
 @dataclass(frozen=True)
 class LoraModuleWeights:
-    """LoRA factors for one Conv1D of the base: delta = scale * (x @ lora_a.T) @ lora_b.T."""
+    """LoRA factors for one Conv1D of the base: delta = scale * (x @ lora_a.T) @ lora_b.T.
 
-    lora_a: torch.Tensor  # [rank, in_features]
-    lora_b: torch.Tensor  # [out_features, rank]
+    The factors are stored transposed, in the layout the batched matmuls read, so building a
+    batch plan needs no transpose or copy. `lora_a` and `lora_b` are views in PEFT's layout.
+    """
+
+    a_t: torch.Tensor  # [in_features, rank], contiguous
+    b_t: torch.Tensor  # [rank, out_features], contiguous, not scaled
     scale: float
+
+    @classmethod
+    def from_peft(cls, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> LoraModuleWeights:
+        """Build from PEFT's lora_A [rank, in_features] and lora_B [out_features, rank]."""
+        return cls(a_t=lora_a.t().contiguous(), b_t=lora_b.t().contiguous(), scale=scale)
+
+    @property
+    def lora_a(self) -> torch.Tensor:
+        return self.a_t.t()  # [rank, in_features]
+
+    @property
+    def lora_b(self) -> torch.Tensor:
+        return self.b_t.t()  # [out_features, rank]
 
     @property
     def rank(self) -> int:
-        return int(self.lora_a.shape[0])
+        return int(self.a_t.shape[1])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.a_t.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.b_t.shape[1])
 
     @property
     def nbytes(self) -> int:
-        return tensor_nbytes(self.lora_a) + tensor_nbytes(self.lora_b)
+        return tensor_nbytes(self.a_t) + tensor_nbytes(self.b_t)
 
 
 @dataclass(frozen=True)
@@ -156,10 +181,8 @@ def read_adapter(
         alpha = module_alpha(config, module_path)
         # rsLoRA keeps the update's magnitude stable across ranks by scaling with 1/sqrt(r).
         scale = alpha / math.sqrt(rank) if config["use_rslora"] else alpha / rank
-        modules[module_path] = LoraModuleWeights(
-            lora_a=lora_a.to(device=device, dtype=dtype).contiguous(),
-            lora_b=lora_b.to(device=device, dtype=dtype).contiguous(),
-            scale=scale,
+        modules[module_path] = LoraModuleWeights.from_peft(
+            lora_a.to(device=device, dtype=dtype), lora_b.to(device=device, dtype=dtype), scale
         )
 
     target_modules = tuple(sorted({path.rsplit(".", 1)[-1] for path in modules}))

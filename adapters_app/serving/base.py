@@ -139,6 +139,30 @@ def state_dict_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """Return the torch dtype for the LORAWEB_DTYPE value `name` on `device`.
+
+    "auto" is float32 on CPU and float16 on CUDA. float16 on CPU is rejected because most CPU
+    kernels do not support it; bfloat16 works on CPU but is slower than float32 on most CPUs.
+    """
+    import torch
+
+    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    on_cuda = str(device).startswith("cuda")
+    if name == "auto":
+        return torch.float16 if on_cuda else torch.float32
+    if name not in choices:
+        raise BaseModelError(
+            f"LORAWEB_DTYPE={name!r} is invalid; use auto, float32, float16 or bfloat16"
+        )
+    if name == "float16" and not on_cuda:
+        raise BaseModelError(
+            f"LORAWEB_DTYPE=float16 needs a CUDA device, but LORAWEB_DEVICE is {device!r}; "
+            "use float32 or bfloat16 on CPU"
+        )
+    return choices[name]
+
+
 def load_base_model(
     name_or_path: str,
     *,
@@ -170,6 +194,8 @@ def load_base_model(
 
     model.requires_grad_(False)
     model.eval()
+    # NOTE: only the CPU path (float32) has been run. CUDA with float16 or bfloat16 follows the
+    # same code, with adapters cast to the base dtype in read_adapter, but is untested.
     model.to(device)
     weight_hash = state_dict_hash(model)
     logger.info("Loaded base model %s on %s (weights %s)", name_or_path, device, weight_hash[:12])

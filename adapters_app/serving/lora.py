@@ -1,11 +1,14 @@
 """Batched multi-LoRA on a frozen GPT-2 through forward hooks.
 
 Every row of a batch may use a different adapter, or none. For each targeted Conv1D the hook
-adds `scale * (x @ A.T) @ B.T` to the base output of the rows that have an adapter there, with
-one pair of batched matmuls over those rows (the gather-then-bmm scheme of Punica's SGMV and
-S-LoRA). Ranks that differ within a batch are zero-padded to the largest, which adds only exact
-zeros. The base modules and their weights are never modified, so the base state dict keeps its
-hash, and a hook does nothing unless a plan is active in the calling thread.
+adds `scale * (x @ A.T) @ B.T` to the base output in place, with one `bmm` and one `baddbmm_`
+over groups of rows. Rows that share an adapter and sit next to each other in equal-sized runs
+form one group, which reads the adapter's factors once. This is the segmented scheme of
+Punica's SGMV, restricted to equal segment sizes so that it stays two batched matmuls. Any
+other layout uses one group per row with gathered factors. Ranks that differ are zero-padded to the largest, and rows
+without LoRA on a module get all-zero factors, which add only exact zeros. The base modules and
+their weights are never modified, so the base state dict keeps its hash, and a hook does nothing
+unless a plan is active in the calling thread.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import LoadedAdapter
+from .adapters import LoadedAdapter, LoraModuleWeights
 from .base import TARGETABLE_MODULES
 
 logger = logging.getLogger(__name__)
@@ -28,21 +31,23 @@ logger = logging.getLogger(__name__)
 class ModulePlan:
     """The LoRA work for one Conv1D in one batch.
 
-    `slot_a` and `slot_b` stack the factors of every adapter slot that targets this module,
-    zero-padded to `max_rank`. `row_slots` gives each batch row's slot, or -1 for no LoRA.
-    `rows`, `row_a_t`, `row_b_t` and `row_scale` are the same weights gathered once per row that
-    has a slot, so each forward pass only runs the two batched matmuls.
+    The batch is split into `groups` consecutive runs of `group_rows` rows each, and group g
+    applies `alpha * (x @ a_t[g]) @ b_t[g]`. `alpha` is the LoRA scale when every group shares
+    one, and 1.0 when each group's scale is already folded into its `b_t`.
     """
 
+    groups: int
+    group_rows: int
     max_rank: int
-    slot_a: torch.Tensor  # [slots, max_rank, in_features]
-    slot_b: torch.Tensor  # [slots, out_features, max_rank]
-    slot_scale: torch.Tensor  # [slots]
-    row_slots: torch.Tensor  # [batch], long, -1 where the row has no LoRA on this module
-    rows: torch.Tensor  # [n], long, batch rows with a slot
-    row_a_t: torch.Tensor  # [n, in_features, max_rank], A transposed for x @ A.T
-    row_b_t: torch.Tensor  # [n, max_rank, out_features], B transposed for h @ B.T
-    row_scale: torch.Tensor  # [n, 1, 1]
+    a_t: torch.Tensor  # [groups, in_features, max_rank], A transposed for x @ A.T
+    b_t: torch.Tensor  # [groups, max_rank, out_features], B transposed for h @ B.T
+    alpha: float
+    group_slots: tuple[int, ...]  # group -> adapter slot, -1 where the group has no LoRA here
+
+    @property
+    def row_slots(self) -> list[int]:
+        """Return each batch row's adapter slot on this module, -1 for no LoRA."""
+        return [slot for slot in self.group_slots for _ in range(self.group_rows)]
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,28 @@ class BatchPlan:
     row_adapter_keys: tuple[str | None, ...]  # batch row -> adapter key, None for the bare base
     modules: dict[str, ModulePlan]
 
+    @property
+    def grouped(self) -> bool:
+        """Return whether rows that share an adapter also share its factors in one group."""
+        return any(module.group_rows > 1 for module in self.modules.values())
+
+
+def row_groups(row_keys: Sequence[str | None]) -> tuple[int, int]:
+    """Return (groups, rows per group) for the layout of `row_keys`.
+
+    Consecutive rows with the same key form a run. When all runs have the same length L, each
+    run is one group of L rows. Otherwise every row is a group of its own.
+    """
+    runs: list[int] = []
+    for index, key in enumerate(row_keys):
+        if index > 0 and key == row_keys[index - 1]:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    if len(set(runs)) == 1:
+        return len(runs), runs[0]
+    return len(row_keys), 1
+
 
 def build_batch_plan(
     row_adapters: Sequence[LoadedAdapter | None],
@@ -63,8 +90,9 @@ def build_batch_plan(
 ) -> BatchPlan:
     """Build the plan for a batch whose row i uses `row_adapters[i]` (None: base only).
 
-    Rows that share an adapter share its slot. Rows without an adapter, or whose adapter does
-    not target a module, are left out of that module's matmuls and get exactly the base output.
+    Rows without an adapter, or whose adapter does not target a module, get zero factors on
+    that module and so exactly the base output. Putting rows that share an adapter next to each
+    other in runs of equal length lets the plan read each adapter's factors once per module.
     """
     if not row_adapters:
         raise ValueError("A batch plan needs at least one row")
@@ -72,93 +100,121 @@ def build_batch_plan(
     # Distinct adapters get slots in order of first appearance.
     slot_of_key: dict[str, int] = {}
     slot_adapters: list[LoadedAdapter] = []
-    row_slot_list: list[int] = []
     for adapter in row_adapters:
-        if adapter is None:
-            row_slot_list.append(-1)
-            continue
-        if adapter.key not in slot_of_key:
+        if adapter is not None and adapter.key not in slot_of_key:
             slot_of_key[adapter.key] = len(slot_adapters)
             slot_adapters.append(adapter)
-        row_slot_list.append(slot_of_key[adapter.key])
+
+    row_keys = [adapter.key if adapter is not None else None for adapter in row_adapters]
+    groups, group_rows = row_groups(row_keys)
+    group_adapters = [row_adapters[group * group_rows] for group in range(groups)]
 
     module_paths = sorted({path for adapter in slot_adapters for path in adapter.modules})
     modules = {
-        path: build_module_plan(path, slot_adapters, row_slot_list, device=device, dtype=dtype)
+        path: build_module_plan(
+            path, group_adapters, group_rows, slot_of_key, device=device, dtype=dtype
+        )
         for path in module_paths
     }
 
     return BatchPlan(
         batch_size=len(row_adapters),
         adapter_keys=tuple(adapter.key for adapter in slot_adapters),
-        row_adapter_keys=tuple(adapter.key if adapter else None for adapter in row_adapters),
+        row_adapter_keys=tuple(row_keys),
         modules=modules,
     )
 
 
 def build_module_plan(
     module_path: str,
-    slot_adapters: Sequence[LoadedAdapter],
-    row_slot_list: Sequence[int],
+    group_adapters: Sequence[LoadedAdapter | None],
+    group_rows: int,
+    slot_of_key: dict[str, int],
     *,
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> ModulePlan:
-    """Stack the factors of the slots that target `module_path`, and gather them per row."""
-    targeting = [
-        (slot, adapter.modules[module_path])
-        for slot, adapter in enumerate(slot_adapters)
-        if module_path in adapter.modules
+    """Stack the factors that each group of rows applies to `module_path`."""
+    group_weights: list[LoraModuleWeights | None] = [
+        adapter.modules.get(module_path) if adapter is not None else None
+        for adapter in group_adapters
     ]
-    max_rank = max(weights.rank for _, weights in targeting)
-    first = targeting[0][1]
-    in_features = int(first.lora_a.shape[1])
-    out_features = int(first.lora_b.shape[0])
-
-    # Slots that do not target this module keep all-zero factors and are never gathered,
-    # because their rows are left out of `rows` below.
-    slot_count = len(slot_adapters)
-    slot_a = torch.zeros(slot_count, max_rank, in_features, device=device, dtype=dtype)
-    slot_b = torch.zeros(slot_count, out_features, max_rank, device=device, dtype=dtype)
-    slot_scale = torch.zeros(slot_count, device=device, dtype=dtype)
-    targeting_slots: set[int] = set()
-    for slot, weights in targeting:
-        if weights.lora_a.shape[1] != in_features or weights.lora_b.shape[0] != out_features:
+    present = [weights for weights in group_weights if weights is not None]
+    first = present[0]
+    in_features, out_features = first.in_features, first.out_features
+    for adapter, weights in zip(group_adapters, group_weights):
+        if weights is not None and (
+            weights.in_features != in_features or weights.out_features != out_features
+        ):
             raise ValueError(
-                f"Adapter {slot_adapters[slot].key} has LoRA shapes "
-                f"{tuple(weights.lora_a.shape)} / {tuple(weights.lora_b.shape)} "
-                f"on {module_path}, which do not match "
+                f"Adapter {adapter.key} has LoRA shapes {tuple(weights.lora_a.shape)} / "
+                f"{tuple(weights.lora_b.shape)} on {module_path}, which do not match "
                 f"in_features={in_features}, out_features={out_features} of the other adapters"
             )
+    group_slots = tuple(
+        slot_of_key[adapter.key] if weights is not None else -1
+        for adapter, weights in zip(group_adapters, group_weights)
+    )
+    max_rank = max(weights.rank for weights in present)
+    scales = {weights.scale for weights in present}
+    uniform = len(present) == len(group_weights) and all(w.rank == max_rank for w in present)
+
+    # Fast path: one group needs no copy at all, so switching a single stream to another cached
+    # adapter costs no weight traffic.
+    if uniform and len(scales) == 1 and same_device(first.a_t.device, device):
+        if len(present) == 1:
+            a_t = first.a_t.to(dtype=dtype).unsqueeze(0)  # [1, in, r], a view when dtypes match
+            b_t = first.b_t.to(dtype=dtype).unsqueeze(0)  # [1, r, out]
+        else:
+            a_t = torch.stack([w.a_t for w in present]).to(dtype=dtype)  # [groups, in, r]
+            b_t = torch.stack([w.b_t for w in present]).to(dtype=dtype)  # [groups, r, out]
+        return ModulePlan(
+            groups=len(group_weights),
+            group_rows=group_rows,
+            max_rank=max_rank,
+            a_t=a_t,
+            b_t=b_t,
+            alpha=float(first.scale),
+            group_slots=group_slots,
+        )
+
+    # General case: zero-pad ranks, zero factors for groups without LoRA here, and each
+    # group's scale folded into its B.
+    groups = len(group_weights)
+    a_t = torch.zeros(groups, in_features, max_rank, device=device, dtype=dtype)
+    b_t = torch.zeros(groups, max_rank, out_features, device=device, dtype=dtype)
+    for group, weights in enumerate(group_weights):
+        if weights is None:
+            continue
         rank = weights.rank
-        slot_a[slot, :rank] = weights.lora_a.to(device=device, dtype=dtype)  # [rank, in]
-        slot_b[slot, :, :rank] = weights.lora_b.to(device=device, dtype=dtype)  # [out, rank]
-        slot_scale[slot] = weights.scale
-        targeting_slots.add(slot)
-
-    module_row_slots = [slot if slot in targeting_slots else -1 for slot in row_slot_list]
-    row_slots = torch.tensor(module_row_slots, dtype=torch.long, device=device)
-    rows = torch.nonzero(row_slots >= 0).flatten()  # [n]
-    gathered_slots = row_slots[rows]  # [n]
-
+        a_t[group, :, :rank] = weights.a_t.to(device=device, dtype=dtype)  # [in, rank]
+        b_t[group, :rank, :] = weights.b_t.to(device=device, dtype=dtype) * weights.scale
     return ModulePlan(
+        groups=groups,
+        group_rows=group_rows,
         max_rank=max_rank,
-        slot_a=slot_a,
-        slot_b=slot_b,
-        slot_scale=slot_scale,
-        row_slots=row_slots,
-        rows=rows,
-        row_a_t=slot_a[gathered_slots].transpose(1, 2).contiguous(),  # [n, in, max_rank]
-        row_b_t=slot_b[gathered_slots].transpose(1, 2).contiguous(),  # [n, max_rank, out]
-        row_scale=slot_scale[gathered_slots].view(-1, 1, 1),  # [n, 1, 1]
+        a_t=a_t,
+        b_t=b_t,
+        alpha=1.0,
+        group_slots=group_slots,
     )
 
 
-def lora_delta(x: torch.Tensor, plan: ModulePlan) -> torch.Tensor:
-    """Return scale * (x @ A.T) @ B.T for the plan's rows, shape [n, seq, out_features]."""
-    x_rows = x.index_select(0, plan.rows)  # [n, seq, in]
-    hidden = torch.bmm(x_rows, plan.row_a_t)  # [n, seq, max_rank]
-    return torch.bmm(hidden, plan.row_b_t) * plan.row_scale  # [n, seq, out]
+def apply_module_plan(x: torch.Tensor, output: torch.Tensor, plan: ModulePlan) -> None:
+    """Add the plan's LoRA term to `output` [batch, seq, out] in place, for input x [batch, seq, in]."""
+    tokens = plan.group_rows * x.shape[1]
+    grouped_x = x.reshape(plan.groups, tokens, x.shape[-1])  # [groups, rows * seq, in]
+    hidden = torch.bmm(grouped_x, plan.a_t)  # [groups, rows * seq, max_rank]
+    grouped_output = output.view(plan.groups, tokens, output.shape[-1])  # [groups, rows * seq, out]
+    grouped_output.baddbmm_(hidden, plan.b_t, alpha=plan.alpha)
+
+
+def same_device(tensor_device: torch.device, device: torch.device | str) -> bool:
+    """Return whether a tensor on `tensor_device` is already on `device` ("cuda" means "cuda:0")."""
+    wanted = torch.device(device)
+    if wanted.type != tensor_device.type:
+        return False
+    return wanted.index is None or wanted.index == (tensor_device.index or 0)
 
 
 class MultiLoraHooks:
@@ -219,7 +275,7 @@ class MultiLoraHooks:
             if plan is None:
                 return None
             module_plan = plan.modules.get(path)
-            if module_plan is None or module_plan.rows.numel() == 0:
+            if module_plan is None:
                 return None
 
             x = args[0]  # [batch, seq, in]
@@ -228,9 +284,12 @@ class MultiLoraHooks:
                     f"{path} received a batch of {x.shape[0]} rows, but the active LoRA plan is "
                     f"for {plan.batch_size} rows"
                 )
-            delta = lora_delta(x, module_plan)  # [n, seq, out]
 
-            # Out of place, so rows without LoRA keep the base output bit for bit.
-            return output.index_add(0, module_plan.rows, delta.to(output.dtype))
+            # Conv1D returns a fresh contiguous tensor, so adding in place changes nothing else
+            # and saves a copy of the output per module.
+            if not output.is_contiguous():
+                output = output.contiguous()
+            apply_module_plan(x, output, module_plan)
+            return output
 
         return apply_lora

@@ -18,12 +18,12 @@ from tests.unit.test_serving_adapters import save_lora_adapter
 pytestmark = pytest.mark.django_db
 
 
-def ready_version_from(task, folder: Path, settings) -> AdapterVersion:
+def ready_version_from(task, folder: Path, settings, folder_name: str = "v1-test") -> AdapterVersion:
     """Register an adapter folder as a ready version of `task`, as training would."""
     from adapters_app.inference import get_engine
     from adapters_app.services import version_allocate
 
-    target = Path(settings.LORAWEB_ADAPTER_ROOT) / task.slug / "v1-test"
+    target = Path(settings.LORAWEB_ADAPTER_ROOT) / task.slug / folder_name
     shutil.copytree(folder, target)
     version = version_allocate(task, parent=None, hyperparameters={"rank": 4})
     version.status = AdapterVersion.Status.READY

@@ -16,6 +16,7 @@ from training_app.models import Dataset, TrainingJob
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 TRAIN_FORM = {
+    "preset": "balanced",
     "rank": "4",
     "alpha": "8",
     "target_modules": ["c_attn", "c_proj", "c_fc"],

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.ingest_cases import INVALID_CASES, PAIR_LINE, TEXT_LINE, Case, jsonl, pair_lines
 from training_app.ingest import (
     MESSAGE_TEMPLATES,
     DatasetInvalid,
     Example,
+    IngestOptions,
     ParsedDataset,
     parse_dataset,
     split_examples,
 )
-
-PAIR_LINE = '{"prompt": "p", "completion": "c"}'
-TEXT_LINE = '{"text": "t"}'
 
 
 def write_file(folder: Path, name: str, content: str | bytes) -> Path:
@@ -31,139 +30,56 @@ def write_file(folder: Path, name: str, content: str | bytes) -> Path:
 
 
 def parse_content(
-    folder: Path, name: str, content: str | bytes, **options: int
+    folder: Path, name: str, content: str | bytes, **options: Any
 ) -> ParsedDataset:
     options.setdefault("min_examples", 1)
     return parse_dataset(write_file(folder, name, content), name, **options)
 
 
 def parse_problems(
-    folder: Path, name: str, content: str | bytes, **options: int
+    folder: Path, name: str, content: str | bytes, **options: Any
 ) -> DatasetInvalid:
     with pytest.raises(DatasetInvalid) as raised:
         parse_content(folder, name, content, **options)
     return raised.value
 
 
-def jsonl(*lines: str) -> str:
-    return "".join(line + "\n" for line in lines)
+def case_problems(folder: Path, case: Case, tokenizer: Any) -> DatasetInvalid:
+    return parse_problems(
+        folder,
+        case.name,
+        case.data(),
+        options=IngestOptions(**case.options),
+        tokenizer=tokenizer if case.needs_tokenizer else None,
+    )
 
 
-def pair_lines(count: int) -> list[str]:
-    return [json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) for i in range(count)]
-
-
-# (case id, file name, content, expected code of the first problem, expected line)
-INVALID_CASES: list[tuple[str, str, str | bytes, str, int | None]] = [
-    # JSONL syntax and shape.
-    ("json-missing-value", "d.jsonl", jsonl(PAIR_LINE, '{"prompt": "a", "completion": }'),
-     "invalid_json", 2),
-    ("json-truncated-object", "d.jsonl", jsonl(PAIR_LINE, PAIR_LINE, '{"prompt": "a"'),
-     "invalid_json", 3),
-    ("json-single-quotes", "d.jsonl", jsonl("{'prompt': 'a', 'completion': 'b'}"),
-     "invalid_json", 1),
-    ("json-pretty-printed", "d.jsonl", '{\n  "prompt": "a",\n  "completion": "b"\n}\n',
-     "invalid_json", 1),
-    ("json-array-line", "d.jsonl", jsonl(PAIR_LINE, '["p", "c"]'), "not_an_object", 2),
-    ("json-string-line", "d.jsonl", jsonl('"just text"'), "not_an_object", 1),
-    ("json-missing-completion", "d.jsonl", jsonl(PAIR_LINE, '{"prompt": "a"}'),
-     "missing_key", 2),
-    ("json-missing-prompt", "d.jsonl", jsonl('{"completion": "b"}'), "missing_key", 1),
-    ("json-other-keys", "d.jsonl", jsonl('{"question": "a", "answer": "b"}'),
-     "unknown_keys", 1),
-    ("json-empty-object", "d.jsonl", jsonl(PAIR_LINE, "{}"), "unknown_keys", 2),
-    ("json-text-and-prompt", "d.jsonl", jsonl('{"text": "t", "prompt": "p"}'),
-     "conflicting_keys", 1),
-    ("json-text-after-pairs", "d.jsonl", jsonl(PAIR_LINE, PAIR_LINE, TEXT_LINE),
-     "mixed_formats", 3),
-    ("json-pair-after-text", "d.jsonl", jsonl(TEXT_LINE, PAIR_LINE), "mixed_formats", 2),
-    ("json-number-value", "d.jsonl", jsonl('{"prompt": 7, "completion": "seven"}'),
-     "non_string_value", 1),
-    ("json-null-value", "d.jsonl", jsonl(PAIR_LINE, '{"prompt": "a", "completion": null}'),
-     "non_string_value", 2),
-    ("json-empty-prompt", "d.jsonl", jsonl('{"prompt": "", "completion": "b"}'),
-     "empty_field", 1),
-    ("json-whitespace-completion", "d.jsonl", jsonl('{"prompt": "a", "completion": " \\n\\t"}'),
-     "empty_field", 1),
-    ("json-empty-text", "d.jsonl", jsonl(TEXT_LINE, '{"text": "   "}'), "empty_field", 2),
-    # Line numbers count blank lines and every kind of line ending.
-    ("json-after-blank-lines", "d.jsonl", jsonl(PAIR_LINE, "", "   ", PAIR_LINE, "{bad"),
-     "invalid_json", 5),
-    ("json-after-crlf", "d.jsonl", (PAIR_LINE + "\r\n") * 3 + "{bad\r\n", "invalid_json", 4),
-    ("json-after-lone-cr", "d.jsonl", PAIR_LINE + "\r" + PAIR_LINE + "\r{bad\r",
-     "invalid_json", 3),
-    # Bytes and encoding.
-    ("latin1-byte-jsonl", "d.jsonl",
-     jsonl(PAIR_LINE).encode() + '{"prompt": "café", "completion": "x"}\n'.encode("latin-1"),
-     "invalid_encoding", 2),
-    ("latin1-byte-text", "d.txt", b"one\n\ntwo\n\nna\xefve\n", "invalid_encoding", 5),
-    ("truncated-utf8-csv", "d.csv", b"prompt,completion\na,b\nc,\xe2\x82\n", "invalid_encoding", 3),
-    ("nul-byte-jsonl", "d.jsonl", jsonl(PAIR_LINE) + '{"prompt": "a\x00", "completion": "b"}\n',
-     "nul_byte", 2),
-    ("nul-byte-text", "d.txt", "a\n\nb\x00c\n", "nul_byte", 3),
-    ("utf16-file", "d.jsonl", jsonl(PAIR_LINE).encode("utf-16"), "utf16_encoding", 1),
-    # CSV header, records and quoting.
-    ("csv-unknown-header", "d.csv", "question,answer\na,b\n", "unknown_header", 1),
-    ("csv-no-header", "d.csv", "hello,world\nfoo,bar\n", "unknown_header", 1),
-    ("csv-header-after-blank-lines", "d.csv", "\n\ninput,output\na,b\n", "unknown_header", 3),
-    ("csv-extra-column", "d.csv", "prompt,completion,id\na,b,1\n", "unknown_header", 1),
-    ("csv-repeated-column", "d.csv", "prompt,prompt\na,b\n", "unknown_header", 1),
-    ("csv-too-many-fields", "d.csv", "prompt,completion\na,b\nc,d,e\n", "wrong_field_count", 3),
-    ("csv-too-few-fields", "d.csv", "source,target\na,b\nlonely\n", "wrong_field_count", 3),
-    ("csv-unquoted-comma-text", "d.csv", "text\nhello, world\n", "wrong_field_count", 2),
-    ("csv-empty-target", "d.csv", "source,target\na,b\nc,\n", "empty_field", 3),
-    ("csv-whitespace-prompt", "d.csv", "prompt,completion\n   ,b\n", "empty_field", 2),
-    ("csv-unclosed-quote", "d.csv", 'prompt,completion\na,b\n"c,d\ne,f\n', "unclosed_quote", 3),
-    ("csv-text-after-quote", "d.csv", 'prompt,completion\na,b\n"c"d,e\n', "invalid_csv", 3),
-    ("csv-error-after-multiline", "d.csv", 'prompt,completion\n"a\nb\nc",d\ne,\n',
-     "empty_field", 5),
-    ("csv-multiline-record-start", "d.csv", 'prompt,completion\nx,y\n"a\nb",\n',
-     "empty_field", 3),
-    ("csv-huge-field", "d.csv", "prompt,completion\na,\"" + "x" * 140_000 + "\n",
-     "field_too_large", 2),
-    # Whole file.
-    ("empty-file", "d.jsonl", b"", "empty_file", None),
-    ("blank-lines-only", "d.txt", "\n  \n\t\n", "empty_file", None),
-    ("bom-only", "d.csv", b"\xef\xbb\xbf", "empty_file", None),
-    ("csv-header-only", "d.csv", "prompt,completion\n", "too_few_examples", None),
-    ("unsupported-json", "d.json", jsonl(PAIR_LINE), "unsupported_extension", None),
-    ("unsupported-no-extension", "dataset", jsonl(PAIR_LINE), "unsupported_extension", None),
-    ("unsupported-tsv", "d.tsv", "prompt\tcompletion\na\tb\n", "unsupported_extension", None),
-]
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "code", "line"),
-    [case[1:] for case in INVALID_CASES],
-    ids=[case[0] for case in INVALID_CASES],
-)
-def test_invalid_input_reports_code_and_line(
-    tmp_path: Path, name: str, content: str | bytes, code: str, line: int | None
-) -> None:
-    invalid = parse_problems(tmp_path, name, content)
+@pytest.mark.parametrize("case", INVALID_CASES, ids=[case.id for case in INVALID_CASES])
+def test_invalid_input_reports_code_and_line(tmp_path: Path, case: Case, gpt2_tokenizer: Any) -> None:
+    invalid = case_problems(tmp_path, case, gpt2_tokenizer)
 
     first = invalid.problems[0]
-    assert first.code == code
-    assert first.line == line
-    assert first.message == MESSAGE_TEMPLATES[code] % first.params
+    assert first.code == case.code
+    assert first.line == case.line
+    assert first.message == MESSAGE_TEMPLATES[case.code] % first.params
 
 
 def test_invalid_case_ids_distinct() -> None:
-    ids = [case[0] for case in INVALID_CASES]
+    ids = [case.id for case in INVALID_CASES]
     assert len(ids) == len(set(ids))
-    assert len(ids) >= 25
+    assert len(ids) >= 40
 
 
 def test_every_code_has_invalid_case() -> None:
-    tested_codes = {case[3] for case in INVALID_CASES}
+    tested_codes = {case.code for case in INVALID_CASES}
     assert tested_codes == set(MESSAGE_TEMPLATES)
 
 
-def test_template_placeholders_match_reported_params(tmp_path: Path) -> None:
-    for case_id, name, content, code, _line in INVALID_CASES:
-        invalid = parse_problems(tmp_path, name, content)
-        placeholders = set(re.findall(r"%\((\w+)\)s", MESSAGE_TEMPLATES[code]))
-        assert set(invalid.problems[0].params) == placeholders, case_id
+def test_template_placeholders_match_reported_params(tmp_path: Path, gpt2_tokenizer: Any) -> None:
+    for case in INVALID_CASES:
+        invalid = case_problems(tmp_path, case, gpt2_tokenizer)
+        placeholders = set(re.findall(r"%\((\w+)\)s", MESSAGE_TEMPLATES[case.code]))
+        assert set(invalid.problems[0].params) == placeholders, case.id
 
 
 def test_missing_key_message_names_key(tmp_path: Path) -> None:

@@ -222,7 +222,7 @@ def test_end_of_text_finishes_row(
     prompt = "Stop right away"
     first_token = reference_greedy_ids(tiny_base.model, tiny_base.tokenizer, prompt, 1)[0]
     # Treat the base's first greedy token as end-of-text, as if the model had produced it.
-    monkeypatch.setattr(engine, "_eos_token_id", first_token)
+    monkeypatch.setattr(engine, "eos_token_id", first_token)
     other = request_for(adapter_dirs, "rank8", "Keep going", max_new_tokens=5)
 
     results = engine.generate([request_for(adapter_dirs, None, prompt, max_new_tokens=10), other])

@@ -156,17 +156,21 @@ def test_plan_pads_ranks_and_skips_untargeted_rows(adapters: dict[str, LoadedAda
 
     assert plan.adapter_keys == ("rank2", "rank8")
     assert plan.row_adapter_keys == ("rank2", None, "rank8", "rank2")
-    # Only rank2 targets c_attn, so rank8's row is left out there.
+    assert not plan.grouped
+    # Only rank2 targets c_attn, so rank8's row gets zero factors there.
     attention = plan.modules["transformer.h.0.attn.c_attn"]
-    assert attention.row_slots.tolist() == [0, -1, -1, 0]
-    assert attention.rows.tolist() == [0, 3]
+    assert attention.row_slots == [0, -1, -1, 0]
     assert attention.max_rank == 2
+    assert attention.a_t.shape == (4, 128, 2)
+    assert not attention.a_t[1].any()
+    assert not attention.a_t[2].any()
     # Only rank8 targets c_fc.
     mlp = plan.modules["transformer.h.1.mlp.c_fc"]
-    assert mlp.row_slots.tolist() == [-1, -1, 1, -1]
+    assert mlp.row_slots == [-1, -1, 1, -1]
     assert mlp.max_rank == 8
-    assert mlp.row_a_t.shape == (1, 128, 8)
-    assert mlp.row_b_t.shape == (1, 8, 512)
+    assert mlp.a_t.shape == (4, 128, 8)
+    assert mlp.b_t.shape == (4, 8, 512)
+    assert not mlp.b_t[0].any()
 
 
 def test_rank_padding_adds_zeros_only(adapters: dict[str, LoadedAdapter]) -> None:
@@ -176,11 +180,56 @@ def test_rank_padding_adds_zeros_only(adapters: dict[str, LoadedAdapter]) -> Non
     module = mixed.modules["transformer.h.0.mlp.c_proj"]
     rank4 = adapters["rank4"].modules["transformer.h.0.mlp.c_proj"]
 
+    # rank4 and rank8 (rsLoRA) have different scales, so each is folded into its B.
     assert module.max_rank == 8
-    assert torch.equal(module.slot_a[0, :4], rank4.lora_a)
-    assert torch.equal(module.slot_a[0, 4:], torch.zeros(4, 512))
-    assert torch.equal(module.slot_b[0, :, :4], rank4.lora_b)
-    assert torch.equal(module.slot_b[0, :, 4:], torch.zeros(128, 4))
+    assert module.alpha == 1.0
+    assert torch.equal(module.a_t[0, :, :4], rank4.a_t)
+    assert torch.equal(module.a_t[0, :, 4:], torch.zeros(512, 4))
+    assert torch.allclose(module.b_t[0, :4], rank4.b_t * rank4.scale)
+    assert torch.equal(module.b_t[0, 4:], torch.zeros(4, 128))
+
+
+def test_plan_groups_equal_runs(adapters: dict[str, LoadedAdapter]) -> None:
+    rank2, rank4 = adapters["rank2"], adapters["rank4"]
+
+    grouped = build_batch_plan([rank2, rank2, rank4, rank4, None, None], device="cpu", dtype=torch.float32)
+    uneven = build_batch_plan([rank2, rank2, rank4, None, None, None], device="cpu", dtype=torch.float32)
+
+    attention = grouped.modules["transformer.h.1.attn.c_attn"]
+    assert grouped.grouped
+    assert (attention.groups, attention.group_rows) == (3, 2)
+    assert attention.row_slots == [0, 0, 1, 1, -1, -1]
+    uneven_attention = uneven.modules["transformer.h.1.attn.c_attn"]
+    assert not uneven.grouped
+    assert (uneven_attention.groups, uneven_attention.group_rows) == (6, 1)
+
+
+def test_single_adapter_plan_shares_weights(adapters: dict[str, LoadedAdapter]) -> None:
+    adapter = adapters["rank4"]
+
+    plan = build_batch_plan([adapter], device="cpu", dtype=torch.float32)
+
+    for path, module in plan.modules.items():
+        assert module.a_t.data_ptr() == adapter.modules[path].a_t.data_ptr(), path
+        assert module.alpha == adapter.modules[path].scale
+
+
+def test_grouped_plan_matches_per_row(
+    tiny_base: BaseModel, hooks: MultiLoraHooks, adapters: dict[str, LoadedAdapter]
+) -> None:
+    rank4, rank8 = adapters["rank4"], adapters["rank8"]
+    grouped_rows = [rank4, rank4, rank8, rank8, None, None]
+    interleaved_rows = [rank4, rank8, None, rank4, rank8, None]
+    input_ids = random_tokens(6, seed=8)
+    order = [0, 2, 4, 1, 3, 5]  # interleaved row i takes grouped row order[i]
+
+    grouped = run_with_plan(tiny_base, hooks, grouped_rows, input_ids)
+    interleaved = run_with_plan(tiny_base, hooks, interleaved_rows, input_ids[order])
+
+    base_logits = logits_of(tiny_base.model, input_ids)
+    assert torch.allclose(interleaved, grouped[order], atol=ATOL, rtol=RTOL)
+    assert torch.equal(grouped[4], base_logits[4])
+    assert not torch.allclose(grouped[0], base_logits[0], atol=1e-2)
 
 
 def test_hooks_idle_outside_plan(

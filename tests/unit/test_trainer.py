@@ -134,7 +134,12 @@ def test_fresh_training_reports_progress(english_run) -> None:
     result, reports = english_run
 
     # Every 7th step, plus the final step, which 7 does not divide.
-    assert [report.step for report in reports] == [*range(7, 100, 7), 100]
+    # Validation points come about eight times per run, on top of the regular reports.
+    evaluated = [report.step for report in reports if report.eval_loss is not None]
+    assert evaluated == [*range(13, 100, 13), 100]
+    steps = [report.step for report in reports]
+    assert steps == sorted(set([*range(7, 100, 7), 100, *evaluated]))
+    assert all(0 < report.eval_loss < 20 for report in reports if report.eval_loss is not None)
     assert all(report.total_steps == 100 for report in reports)
     assert reports[-1].epoch == 20
     assert reports[-1].tokens_seen == result.tokens_seen
