@@ -265,9 +265,10 @@ def _train_loop(
 
             # logits: (batch, sequence, vocabulary). The loss is the mean over this batch's
             # label tokens, so long completions weigh more than short ones.
-            logits = peft_model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).logits
+            with _mixed_precision(device):
+                logits = peft_model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits
             loss_sum, label_tokens = token_loss_sum(logits, batch.labels)
             loss = loss_sum / max(label_tokens, 1)
             if not torch.isfinite(loss):
@@ -317,6 +318,21 @@ def _train_loop(
                 losses_since_report = []
 
     return _LoopOutcome(steps=step, tokens_seen=tokens_seen, train_loss=train_loss)
+
+
+def _mixed_precision(device: str):
+    """bfloat16 autocast on a CUDA device that supports it, otherwise full precision.
+
+    LoRA weights and optimizer state stay float32; token_loss_sum upcasts the logits.
+    NOTE: no CUDA device was available where this was written, so this path is untested.
+    """
+    import contextlib
+
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # Examples per eval set in the validation points taken during training.
