@@ -75,7 +75,7 @@ def compare_versions(
 ) -> Comparison:
     """Build the comparison of `versions` (and the bare base) of one task.
 
-    Answers are greedy, so differences between columns come from the adapters alone.
+    Generation is greedy, so differences between columns come from the adapters alone.
     """
     from .inference import get_engine, version_key
     from .serving.adapters import read_adapter

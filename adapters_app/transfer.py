@@ -40,7 +40,7 @@ def export_filename(version: AdapterVersion) -> str:
 
 
 def export_response(version: AdapterVersion) -> FileResponse:
-    """A download response with the version's zip, spooled to disk when it is large."""
+    """Build a download response with the version's zip, spooled to disk when it is large."""
     buffer = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
     version_export(version, buffer)
     buffer.seek(0)

@@ -1,9 +1,10 @@
 """Decide whether a freshly trained version becomes active: the task's promotion policy.
 
-A version is activated automatically only when its validation loss on the data it was just
-trained on beats the active version's by the task's minimum improvement, and no dataset the
-task trained on before got worse by more than the task's forgetting tolerance. Otherwise it
-stays a candidate with the reason stored on it; a maintainer can still activate it by hand.
+A version is activated automatically only when two things hold. Its validation loss on the
+data it was just trained on beats the active version's by the task's minimum improvement.
+No dataset the task trained on before got worse by more than the task's forgetting
+tolerance. Otherwise it stays a candidate with the reason stored on it, and a maintainer can
+still activate it by hand.
 """
 
 from __future__ import annotations

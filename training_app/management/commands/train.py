@@ -32,7 +32,11 @@ class Command(BaseCommand):
         hyperparameters = self._parse_overrides(options["set"])
         if preset:
             hyperparameters["preset"] = preset
-        warm = False if fresh else (True if warm_start else None)
+        warm = None
+        if fresh:
+            warm = False
+        elif warm_start:
+            warm = True
 
         try:
             job = services.training_start(
