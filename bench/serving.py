@@ -200,15 +200,15 @@ def peft_sequential(peft_model, base: BaseModel, prompts: Sequence[str], adapter
             )
 
 
-def per_token_seconds(engine: Engine, request: GenerationRequest) -> float:
-    """Return the mean time between streamed tokens of one request served alone."""
+def token_intervals(engine: Engine, request: GenerationRequest) -> list[float]:
+    """Return the seconds between consecutive streamed tokens of one request served alone."""
     stamps: list[float] = []
     request.on_token = lambda piece: stamps.append(time.perf_counter())
     try:
         engine.generate_one(request)
     finally:
         request.on_token = None
-    return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+    return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
 
 
 def measure_engine(
@@ -235,12 +235,14 @@ def measure_engine(
     sequential_seconds = timed(lambda: peft_sequential(peft_model, base, prompts, names))
     del peft_model
 
+    # The median over every token interval of every run resists the bursts of other load on
+    # the machine better than a mean per run.
     single = mixed[0]
     single_bare = bare[0]
     single_seconds: dict[str, list[float]] = {"adapter": [], "base": []}
-    for _ in range(repeats):
-        single_seconds["adapter"].append(per_token_seconds(engine, single))
-        single_seconds["base"].append(per_token_seconds(engine, single_bare))
+    for _ in range(max(repeats, 5)):
+        single_seconds["adapter"].extend(token_intervals(engine, single))
+        single_seconds["base"].extend(token_intervals(engine, single_bare))
 
     tokens = len(prompts) * NEW_TOKENS
     return {
@@ -277,7 +279,11 @@ def measure_hot_switch(engine: Engine, adapters: list[tuple[str, Path]], repeats
 
 
 def measure_cold_loads(base: BaseModel, adapters: list[tuple[str, Path]], loads: int) -> dict[str, float]:
-    """p50 ms of reading a rank-8 adapter (sha256 included) into an empty and a 200-entry cache."""
+    """p50 ms of reading a rank-8 adapter (sha256 included) into an empty and a full 200-entry cache.
+
+    The full cache evicts its least recently used adapter on each load, as a serving process at
+    capacity does, so both cases reuse freed memory. The adapter files are in the page cache.
+    """
     hashes = {key: file_sha256(folder / ADAPTER_WEIGHTS_NAME) for key, folder in adapters}
 
     def load_into(cache: AdapterCache, key: str, source: tuple[str, Path]) -> float:
@@ -293,12 +299,13 @@ def measure_cold_loads(base: BaseModel, adapters: list[tuple[str, Path]], loads:
         cache = AdapterCache(max_adapters=1000, max_bytes=1 << 40)
         empty_samples.append(load_into(cache, f"cold-{index}", adapters[index % len(adapters)]))
 
-    full = AdapterCache(max_adapters=1000, max_bytes=1 << 40)
+    full = AdapterCache(max_adapters=200, max_bytes=1 << 40)
     for index in range(200):
         load_into(full, f"filler-{index}", adapters[index % len(adapters)])
     full_samples = [
         load_into(full, f"extra-{index}", adapters[index % len(adapters)]) for index in range(loads)
     ]
+    assert len(full) == 200
     return {
         "cold_load_ms_p50": statistics.median(empty_samples),
         "cold_load_ms_p50_at_200": statistics.median(full_samples),
