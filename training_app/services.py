@@ -160,7 +160,7 @@ def _claim(job_id: int) -> bool:
 
 
 def _eval_datasets(task: Task, job: TrainingJob) -> list[Dataset]:
-    """Every dataset the task has trained on, plus this job's datasets.
+    """Return every dataset the task has trained on, plus this job's datasets.
 
     Scoring old datasets too is what makes forgetting visible after a retrain.
     """
