@@ -78,7 +78,7 @@ def resolve_base_choice() -> BaseChoice:
 
 @lru_cache(maxsize=1)
 def current_base_choice() -> BaseChoice:
-    """The resolved base, cached for the life of the process (the base never changes)."""
+    """Return the resolved base, cached for the life of the process because the base never changes."""
     return resolve_base_choice()
 
 

@@ -126,7 +126,7 @@ class AdapterVersion(models.Model):
         return dict(self.metrics.get("eval_loss", {}))
 
     def promotion_message(self) -> str:
-        """The promotion note in the active language."""
+        """Return the promotion note in the active language."""
         from .messages import PROMOTION_MESSAGES, render_message
 
         if not self.promotion.get("code"):

@@ -186,7 +186,11 @@ def _thin(points: list[list[float]], limit: int = 400) -> list[list[float]]:
 
 
 class _JobReporter:
-    """Write progress, heartbeats and cancel checks to the job row, at most once a second."""
+    """Write progress, heartbeats and cancel checks to the job row.
+
+    Writes come at most once a second, except at the last step and at validation points,
+    which are always written so the chart misses none.
+    """
 
     def __init__(self, job_id: int, listener: Callable[[Progress], None] | None = None):
         self.job_id = job_id

@@ -492,7 +492,7 @@ def _train_and_save(
     if init_adapter_dir is not None:
         initial_eval_loss = evaluate_model(peft_model, eval_tokenized, **eval_options)
 
-    # The live chart needs validation points during training; a bounded sample of each set
+    # The live chart needs validation points during training. A bounded sample of each set
     # keeps them cheap, and the full splits are scored once at the end.
     sampled_sets = {name: examples[:PERIODIC_EVAL_EXAMPLES] for name, examples in eval_tokenized.items()}
 

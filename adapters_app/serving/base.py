@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 TARGETABLE_MODULES = ("c_attn", "c_proj", "c_fc")
 
 # Layout of the tiny offline base: GPT-2's vocabulary and context, a fraction of its depth.
-# With GPT-2's usual initializer_range of 0.02 the random tied embeddings are so small that
-# no adapter can make the logits confident (eval loss stalls near 9.7 nats on the demo
-# data); 0.2 gives adapters room to learn, so the product can be tried offline.
+# With GPT-2's usual initializer_range of 0.02, the random tied embeddings are so small that
+# no adapter can make the logits confident: eval loss stalls near 9.7 nats on the demo data.
+# An initializer_range of 0.2 gives adapters room to learn, so the product can be tried offline.
 TINY_CONFIG = {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 1024, "initializer_range": 0.2}
 TINY_MARKER = "loraweb_tiny.json"
 
@@ -111,7 +111,7 @@ def is_tiny_model_dir(path: str | Path) -> bool:
 
 
 def is_current_tiny_model_dir(path: str | Path, seed: int = 0) -> bool:
-    """Whether `path` holds a tiny base built with today's layout and this seed."""
+    """Return whether `path` contains a tiny base built with today's layout and this seed."""
     marker = Path(path) / TINY_MARKER
     if not marker.is_file():
         return False

@@ -1,4 +1,4 @@
-"""How a prompt is laid out before it reaches the model, shared by training and serving."""
+"""Prompt layout before the model sees it, shared by training and serving."""
 
 from __future__ import annotations
 
