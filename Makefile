@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test demo install install-test services base-model clean
+.PHONY: run test demo install install-test services browser base-model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,21 @@ install-test: $(VENV)/.installed-test
 services:
 	@PYTHON=$(PY) bin/ensure-redis
 
+# The browser tests drive Debian's Chromium, and their Chinese screenshots need a CJK font;
+# install what is missing when we are root.
+BROWSER_PACKAGES := chromium fonts-noto-cjk
+browser:
+	@if [ ! -x /usr/bin/chromium ] || ! fc-list :lang=zh 2>/dev/null | grep -q .; then \
+	  if [ "$$(id -u)" -eq 0 ]; then \
+	    apt-get install -y $(BROWSER_PACKAGES) || { apt-get update && apt-get install -y $(BROWSER_PACKAGES); }; \
+	  elif [ ! -x /usr/bin/chromium ]; then \
+	    echo "The browser tests need Debian's Chromium at /usr/bin/chromium; install it with: sudo apt-get install -y $(BROWSER_PACKAGES)" >&2; \
+	    exit 1; \
+	  else \
+	    echo "No Chinese font is installed, so Chinese screenshots show boxes; install one with: sudo apt-get install -y fonts-noto-cjk" >&2; \
+	  fi; \
+	fi
+
 base-model:
 	@$(PY) manage.py prepare_base_model
 
@@ -42,7 +57,7 @@ demo: install services
 	@$(PY) manage.py prepare_base_model
 	$(PY) manage.py demo
 
-test: install-test services
+test: install-test services browser
 	@$(PY) -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests; that is a failure here." >&2; exit 1; fi; \
 	exit $$status

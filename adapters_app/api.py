@@ -7,17 +7,20 @@ from datetime import datetime
 from django.http import HttpRequest
 from ninja import File, Router, Schema, Status
 from ninja.files import UploadedFile
+from pydantic import Field
 
-from .models import AdapterVersion, Task
+from .models import AdapterVersion, Task, slug_validator
 from .services import task_create, task_get, version_activate, version_get
 from .transfer import UploadedPart, export_response, version_import
 
 router = Router(tags=["tasks"])
 
 
+# The services check these rules and reject with translated messages; the schema only
+# documents them, so that clients built from it send valid values.
 class TaskIn(Schema):
-    slug: str
-    name: str = ""
+    slug: str = Field(json_schema_extra={"pattern": slug_validator.regex.pattern, "maxLength": 64})
+    name: str = Field("", json_schema_extra={"maxLength": 200})
     description: str = ""
 
 
@@ -48,7 +51,8 @@ class VersionOut(Schema):
 
 class ActivateIn(Schema):
     version: int
-    reason: str
+    # A reason needs at least one character that is not a space (checked by version_activate).
+    reason: str = Field(json_schema_extra={"pattern": r"\S"})
 
 
 class ActivateOut(Schema):
@@ -104,6 +108,16 @@ def read_task(request: HttpRequest, slug: str):
     return task_out(task_get(slug))
 
 
+@router.delete("/tasks/{slug}", response={204: None})
+def delete_task(request: HttpRequest, slug: str, reason: str = ""):
+    """Delete the task with its versions, datasets, jobs and files; needs the maintainer role."""
+    # The task's datasets and jobs are training_app rows, so the service lives there.
+    from training_app.deletion import task_delete
+
+    task_delete(task_get(slug), user=request.user, reason=reason)
+    return Status(204, None)
+
+
 # Registered before the `{number}` route, which would otherwise match "import".
 @router.post("/tasks/{slug}/versions/import", response={201: VersionOut})
 def import_version(request: HttpRequest, slug: str, file: File[UploadedFile]):
@@ -122,7 +136,7 @@ def read_version(request: HttpRequest, slug: str, number: int):
 @router.get("/tasks/{slug}/versions/{number}/export")
 def export_version(request: HttpRequest, slug: str, number: int):
     version = version_get(task_get(slug), number)
-    return export_response(version)
+    return export_response(version, user=request.user)
 
 
 @router.post("/tasks/{slug}/activate", response=ActivateOut)

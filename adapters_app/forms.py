@@ -70,6 +70,27 @@ class ReasonForm(forms.Form):
     reason = forms.CharField(label=_("Reason"), max_length=2000, widget=forms.Textarea(attrs={"rows": 2}))
 
 
+class TaskDeleteForm(forms.Form):
+    """Deleting a task cannot be undone, so the user types its slug to confirm."""
+
+    confirm_slug = forms.CharField(label=_("Type the task's slug to confirm"), max_length=64)
+    reason = forms.CharField(label=_("Reason (kept in the audit log)"), required=False, widget=forms.Textarea(attrs={"rows": 2}))
+
+    def __init__(self, *args, task: Task, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task = task
+
+    def clean_confirm_slug(self) -> str:
+        value = self.cleaned_data["confirm_slug"].strip()
+        if value != self.task.slug:
+            raise forms.ValidationError(
+                _("“%(value)s” is not the slug of this task; type “%(slug)s” to delete it."),
+                code="slug_mismatch",
+                params={"value": value, "slug": self.task.slug},
+            )
+        return value
+
+
 class CompareForm(forms.Form):
     versions = forms.MultipleChoiceField(label=_("Versions"), widget=forms.CheckboxSelectMultiple)
     include_base = forms.BooleanField(label=_("Include the bare base model"), required=False, initial=True)
@@ -99,3 +120,29 @@ class CompareForm(forms.Form):
 
     def prompt_list(self) -> list[str]:
         return self.cleaned_data["prompts"].split("\n")
+
+
+class ApiTokenForm(forms.Form):
+    """Name and lifetime of a new API token."""
+
+    NEVER = "never"
+
+    name = forms.CharField(
+        label=_("Name"),
+        max_length=100,
+        help_text=_("Say where the token is used, e.g. “nightly eval script”."),
+    )
+    lifetime = forms.ChoiceField(
+        label=_("Expires"),
+        choices=[
+            ("30", _("in 30 days")),
+            ("90", _("in 90 days")),
+            ("365", _("in 365 days")),
+            (NEVER, _("never")),
+        ],
+        initial="90",
+    )
+
+    def lifetime_days(self) -> int | None:
+        value = self.cleaned_data["lifetime"]
+        return None if value == self.NEVER else int(value)

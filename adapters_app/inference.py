@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils.translation import gettext as _
 
+from . import metrics
 from .base_model import current_base_choice
 from .models import AdapterVersion, Task
-from .services import ServiceError, model_name_resolve
+from .services import ServiceError, broken_version_error, model_name_resolve
 
 if TYPE_CHECKING:
     from .serving.engine import Engine, GenerationRequest, GenerationResult, PreloadReport
@@ -35,6 +37,9 @@ _scheduler: Scheduler | None = None
 _engine_lock = threading.Lock()
 # Task slug -> version key pinned for it, so a pinned task's previous version can be unpinned.
 _pinned_keys: dict[str, str] = {}
+# The thread of `load_engine_in_background`, and the error of its load when it failed.
+_engine_loader: threading.Thread | None = None
+_engine_load_error: str | None = None
 
 
 class TooManyRequests(ServiceError):
@@ -96,6 +101,53 @@ def get_engine() -> Engine:
     return _engine
 
 
+def loaded_engine() -> tuple[Engine | None, Scheduler | None]:
+    """Return this process's engine and scheduler if they are loaded, never loading them."""
+    return _engine, _scheduler
+
+
+def engine_state() -> str:
+    """Return "ready", "loading", "failed" or "not_loaded", never loading the engine."""
+    if _engine is not None:
+        return "ready"
+    if _engine_loader is not None and _engine_loader.is_alive():
+        return "loading"
+    if _engine_load_error is not None:
+        return "failed"
+    return "not_loaded"
+
+
+def load_engine_in_background() -> threading.Thread:
+    """Start loading the engine in a daemon thread and return it; inference servers call this at start.
+
+    A failed load is logged and reported by `engine_state`. The next completion request, if
+    one arrives, tries again.
+    """
+    global _engine_loader
+    thread = threading.Thread(target=_load_engine_logged, name="engine-loader", daemon=True)
+    _engine_loader = thread
+    thread.start()
+    return thread
+
+
+def _load_engine_logged() -> None:
+    global _engine_load_error
+    from django.db import connections
+
+    logger.info("Loading the base model in the background")
+    try:
+        get_engine()
+    except Exception as error:  # noqa: BLE001 - any failure must show in readiness, not end a thread silently
+        _engine_load_error = str(error)
+        logger.exception("Loading the base model failed; /readyz reports this server as unavailable")
+    else:
+        _engine_load_error = None
+        logger.info("Base model loaded")
+    finally:
+        # Preloading adapters opened a database connection in this thread, which ends now.
+        connections.close_all()
+
+
 def get_scheduler() -> Scheduler:
     """Return the scheduler that batches this process's completions, creating the engine if needed."""
     get_engine()
@@ -105,12 +157,13 @@ def get_scheduler() -> Scheduler:
 
 def reset_engine() -> None:
     """Stop the scheduler and drop the engine, so the next request loads the base again (tests switch bases)."""
-    global _engine, _scheduler
+    global _engine, _scheduler, _engine_load_error
     with _engine_lock:
         if _scheduler is not None:
             _scheduler.stop()
         _engine = None
         _scheduler = None
+        _engine_load_error = None
         _pinned_keys.clear()
 
 
@@ -131,6 +184,7 @@ def preload_active_versions(engine: Engine) -> PreloadReport:
 
     pinned = set(settings.LORAWEB_PINNED_TASKS)
     items = []
+    versions: dict[str, AdapterVersion] = {}
     tasks = Task.objects.select_related("active_version").filter(active_version__isnull=False).order_by("slug")
     for task in tasks:
         version = task.active_version
@@ -143,8 +197,11 @@ def preload_active_versions(engine: Engine) -> PreloadReport:
         if is_pinned:
             _pinned_keys[task.slug] = version_key(version)
         items.append(PreloadItem(key=version_key(version), path=version.adapter_dir(), sha256=version.sha256 or None, pinned=is_pinned))
+        versions[version_key(version)] = version
 
     report = engine.preload(items)
+    for key, error in report.errors.items():
+        report_adapter_failure(versions[key], error)
     logger.info(
         "Preloaded %d adapters (%d skipped, cache full; %d failed)", len(report.loaded), len(report.skipped), len(report.failed)
     )
@@ -158,12 +215,48 @@ def adapter_load(version: AdapterVersion, *, pin: bool = False) -> bool:
     try:
         _adapter, hit = get_engine().load(version_key(version), version.adapter_dir(), version.sha256 or None, pin=pin)
     except AdapterError as error:
+        if report_adapter_failure(version, error):
+            raise broken_version_error(version) from error
         raise ServiceError(
             _("The adapter of %(version)s could not be loaded: %(error)s") % {"version": version.label, "error": error},
             code="adapter_invalid",
             status_code=500,
         ) from error
     return hit
+
+
+def report_adapter_failure(version: AdapterVersion, error: BaseException) -> bool:
+    """Mark `version` broken when serving found its files missing or damaged; return whether it is broken.
+
+    The serving layer only raises; this is where its finding reaches the database. A missing
+    file while the whole adapter root is missing is a storage outage, not damage, so nothing
+    is marked then. Recording never hides the request's own error: a database failure here is
+    logged and the request still fails with the adapter error.
+    """
+    from .integrity import adapter_root_available, version_mark_broken
+    from .serving.adapters import AdapterFileError
+
+    if not isinstance(error, AdapterFileError) or not (version.is_ready or version.is_broken):
+        return False
+    if error.missing and not adapter_root_available():
+        logger.error("Adapter root %s is missing; not marking %s broken", settings.LORAWEB_ADAPTER_ROOT, version)
+        return False
+    try:
+        version_mark_broken(version, str(error))
+    except DatabaseError:
+        logger.exception("Could not mark %s broken", version)
+        return False
+    return version.is_broken
+
+
+def _report_submit_failure(admissions: Sequence[Admission], error: BaseException) -> ServiceError | None:
+    """Record a damaged adapter found while submitting, and return the refusal for it (else None)."""
+    key = getattr(error, "key", None)
+    for admission in admissions:
+        version = admission.version
+        if version is not None and key == version_key(version) and report_adapter_failure(version, error):
+            return broken_version_error(version, active="@" not in admission.model)
+    return None
 
 
 def adapter_unload(version: AdapterVersion) -> bool:
@@ -289,14 +382,27 @@ def submit(
     Raises ServiceError for an invalid request (400), a bad adapter (500) or a full queue (429).
     Blocks while a cold adapter is read, so async callers run it in a worker thread.
     """
+    try:
+        return _submit_group(admissions, prompt, on_tokens)
+    except Exception as error:
+        raise _submit_failure(admissions, error, _report_submit_failure(admissions, error)) from error
+
+
+def _submit_group(
+    admissions: Sequence[Admission], prompt: str, on_tokens: Sequence[Callable[[str], None] | None] | None
+) -> list[GenerationHandle]:
     callbacks = list(on_tokens) if on_tokens is not None else [None] * len(admissions)
     requests = [
         generation_request(admission, prompt, on_token=callback) for admission, callback in zip(admissions, callbacks)
     ]
-    try:
-        return get_scheduler().submit_group(requests)
-    except Exception as error:
-        raise service_error_for(error, admissions[0]) from error
+    return get_scheduler().submit_group(requests)
+
+
+def _submit_failure(admissions: Sequence[Admission], error: BaseException, refusal: ServiceError | None) -> ServiceError:
+    failure = refusal or service_error_for(error, admissions[0])
+    for admission in admissions:
+        metrics.record_completion_failure(admission.task.slug, failure.code)
+    return failure
 
 
 def service_error_for(error: BaseException, admission: Admission) -> ServiceError:
@@ -343,7 +449,15 @@ def service_error_for(error: BaseException, admission: Admission) -> ServiceErro
     raise error
 
 
+def _failure(error: BaseException, admission: Admission) -> ServiceError:
+    """Return the ServiceError for a failed generation (see service_error_for), counted in the metrics."""
+    failure = service_error_for(error, admission)
+    metrics.record_completion_failure(admission.task.slug, failure.code)
+    return failure
+
+
 def _completion(admission: Admission, result: GenerationResult) -> Completion:
+    metrics.record_completion(admission.task.slug, result.elapsed_ms / 1000)
     logger.info(
         "Completed %s for task %s version %s: %d tokens, cache %s",
         admission.model,
@@ -370,7 +484,7 @@ def generate_many(
         try:
             result = handle.result()
         except Exception as error:
-            raise service_error_for(error, admission) from error
+            raise _failure(error, admission) from error
         completions.append(_completion(admission, result))
     return completions
 
@@ -395,8 +509,16 @@ async def aadmit(model: str, params: SamplingParams) -> Admission:
 async def asubmit(
     admissions: Sequence[Admission], prompt: str, *, on_tokens: Sequence[Callable[[str], None] | None] | None = None
 ) -> list[GenerationHandle]:
-    """`submit` for async views, in a worker thread because reading a cold adapter blocks."""
-    return await asyncio.to_thread(submit, admissions, prompt, on_tokens=on_tokens)
+    """`submit` for async views, in a worker thread because reading a cold adapter blocks.
+
+    A damaged adapter is recorded through Django's thread for database work, the one every
+    other query of the view uses.
+    """
+    try:
+        return await asyncio.to_thread(_submit_group, admissions, prompt, on_tokens)
+    except Exception as error:
+        refusal = await sync_to_async(_report_submit_failure)(admissions, error)
+        raise _submit_failure(admissions, error, refusal) from error
 
 
 async def await_completion(admission: Admission, handle: GenerationHandle) -> Completion:
@@ -406,5 +528,5 @@ async def await_completion(admission: Admission, handle: GenerationHandle) -> Co
     try:
         result = await wait_for_result(handle)
     except Exception as error:
-        raise service_error_for(error, admission) from error
+        raise _failure(error, admission) from error
     return _completion(admission, result)

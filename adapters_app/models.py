@@ -67,6 +67,8 @@ class AdapterVersion(models.Model):
         READY = "ready", _("ready")
         FAILED = "failed", _("failed")
         CANCELLED = "cancelled", _("cancelled")
+        # The adapter files no longer match their sha256 or cannot be read; never served.
+        BROKEN = "broken", _("broken")
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="versions")
     number = models.PositiveIntegerField(_("number"))
@@ -95,6 +97,9 @@ class AdapterVersion(models.Model):
     promotion = models.JSONField(_("promotion decision"), default=dict, blank=True)
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     ready_at = models.DateTimeField(_("ready at"), null=True, blank=True)
+    # Why the files of a once ready version were found unusable, and when.
+    broken_reason = models.TextField(_("why it is broken"), blank=True)
+    broken_at = models.DateTimeField(_("broken since"), null=True, blank=True)
 
     class Meta:
         ordering = ["task", "-number"]
@@ -114,6 +119,10 @@ class AdapterVersion(models.Model):
     @property
     def is_ready(self) -> bool:
         return self.status == self.Status.READY
+
+    @property
+    def is_broken(self) -> bool:
+        return self.status == self.Status.BROKEN
 
     @property
     def is_active(self) -> bool:
@@ -180,6 +189,33 @@ class ActivationEvent(models.Model):
         return f"{self.task.slug}: {self.from_version or '-'} -> {self.to_version or '-'}"
 
 
+class AuditEvent(models.Model):
+    """A change that is kept as a record: a deletion, a version found broken, a restore.
+
+    Activations have their own trail (ActivationEvent). The actor's username is copied, so the
+    record still names them after the user is deleted.
+    """
+
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_username = models.CharField(_("actor"), max_length=150, blank=True)
+    # Dotted names such as "task.delete", "dataset.delete", "version.broken".
+    action = models.CharField(_("action"), max_length=64, db_index=True)
+    object_repr = models.CharField(_("object"), max_length=300)
+    reason = models.TextField(_("reason"), blank=True)
+    details = models.JSONField(_("details"), default=dict, blank=True)
+    created_at = models.DateTimeField(_("when"), auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        verbose_name = _("audit event")
+        verbose_name_plural = _("audit events")
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.object_repr}"
+
+
 class ApiToken(models.Model):
     """A bearer token for the JSON API. Only a sha256 of the secret is stored."""
 
@@ -199,3 +235,17 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def state(self) -> str:
+        """One of "revoked", "expired" or "active"."""
+        from django.utils import timezone
+
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= timezone.now():
+            return "expired"
+        return "active"
+
+    def get_state_display(self) -> str:
+        return {"revoked": _("revoked"), "expired": _("expired"), "active": _("active")}[self.state]

@@ -12,12 +12,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.translation import gettext as _
 from ninja import Router, Schema
 from pydantic import Field
+
+from loraweb.ratelimit import arate_limit_check, user_identity
 
 from .inference import Admission, Completion, SamplingParams, aadmit, asubmit, await_completion
 from .models import Task
@@ -32,7 +34,12 @@ router = Router(tags=["openai"])
 
 class CompletionIn(Schema):
     model: str
-    prompt: str | list[str]
+    # The schema documents what the server checks with its own messages: a prompt has a character
+    # that is not a space, and a list holds exactly one prompt.
+    prompt: Annotated[str, Field(json_schema_extra={"pattern": r"\S"})] | Annotated[
+        list[Annotated[str, Field(json_schema_extra={"pattern": r"\S"})]],
+        Field(json_schema_extra={"minItems": 1, "maxItems": 1}),
+    ]
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -40,7 +47,7 @@ class CompletionIn(Schema):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 2**63 - 1})
     user: str | None = None
 
 
@@ -103,6 +110,7 @@ def _completion_body(completion: Completion) -> dict:
 @router.post("/completions")
 async def create_completion(request: HttpRequest, payload: CompletionIn):
     """Answer one prompt; generation runs on the scheduler thread while this view only awaits."""
+    await arate_limit_check("completions", user_identity(request.auth))
     prompt = _prompt(payload)
     params = _params(payload)
     admission = await aadmit(payload.model, params)

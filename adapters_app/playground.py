@@ -52,6 +52,7 @@ def playground_texts() -> dict[str, str]:
         "tokens_per_second": _("tokens/s"),
         "finish": _("Finish reason"),
         "failed": _("Generation failed: %(error)s"),
+        "empty": _("(no text: the model ended the answer at once)"),
     }
 
 

@@ -3,6 +3,10 @@
 Services call `require_role` before they change anything, so a view, the API, the admin or a
 management command cannot skip the check by forgetting it in a template or a decorator.
 A superuser has every role. A user in no group has none and sees only the login page.
+
+Management commands that act for the installation itself (`demo`, `train`, `create_api_token`)
+pass `SYSTEM` as the user. Web callers always pass `request.user`, so a missing user (None)
+is rejected like an anonymous one instead of skipping the check.
 """
 
 from __future__ import annotations
@@ -14,6 +18,33 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.utils.translation import gettext as _
 
 logger = logging.getLogger(__name__)
+
+
+class SystemActor:
+    """The installation itself, acting from a management command or a worker; has every role.
+
+    Services record no user for it (`created_by`, `actor` stay empty), which pages show as "loraweb".
+    """
+
+    is_authenticated = True
+    is_active = True
+    is_superuser = True
+    pk = None
+
+    def __repr__(self) -> str:
+        return "SYSTEM"
+
+
+SYSTEM = SystemActor()
+
+Actor = AbstractBaseUser | AnonymousUser | SystemActor | None
+
+
+def actor_user(user: Actor) -> AbstractBaseUser | None:
+    """Return the user to record as the author of a change, or None for SYSTEM and anonymous users."""
+    if user is None or user is SYSTEM or not user.is_authenticated:
+        return None
+    return user
 
 
 class Role(enum.IntEnum):
@@ -39,7 +70,7 @@ class Role(enum.IntEnum):
 ROLE_GROUP_NAMES = tuple(role.group_name for role in Role)
 
 
-def user_role(user: AbstractBaseUser | AnonymousUser | None) -> Role | None:
+def user_role(user: Actor) -> Role | None:
     """Return the highest role that `user` has, or None for anonymous users and users in no role group."""
     if user is None or not user.is_authenticated or not user.is_active:
         return None
@@ -54,12 +85,12 @@ def user_role(user: AbstractBaseUser | AnonymousUser | None) -> Role | None:
     return role
 
 
-def has_role(user: AbstractBaseUser | AnonymousUser | None, role: Role) -> bool:
+def has_role(user: Actor, role: Role) -> bool:
     current = user_role(user)
     return current is not None and current >= role
 
 
-def require_role(user: AbstractBaseUser | AnonymousUser | None, role: Role) -> None:
+def require_role(user: Actor, role: Role) -> None:
     """Raise a 401 ServiceError for anonymous users and a 403 one for users below `role`."""
     from .services import ServiceError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -14,7 +15,6 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Iterable
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.http import FileResponse
 from django.utils import timezone
@@ -23,6 +23,7 @@ from django.utils.translation import gettext as _
 from .base_model import current_base_choice
 from .messages import PROMOTION_MESSAGES, render_message
 from .models import AdapterVersion, Task
+from .roles import Actor, Role, require_role
 from .services import ServiceError, version_allocate
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ def export_filename(version: AdapterVersion) -> str:
     return f"{version.task.slug}-v{version.number}.zip"
 
 
-def export_response(version: AdapterVersion) -> FileResponse:
-    """Build a download response with the version's zip, spooled to disk when it is large."""
+def export_response(version: AdapterVersion, *, user: Actor) -> FileResponse:
+    """Build a download response with the version's zip, spooled to disk when it is large; needs the viewer role."""
+    require_role(user, Role.VIEWER)
     buffer = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
     version_export(version, buffer)
     buffer.seek(0)
@@ -158,6 +160,18 @@ def _collect_parts(parts: Iterable[UploadedPart], folder: Path) -> None:
             budget -= _copy_limited(part.content, folder / name, budget)
 
 
+def _storage_error(error: OSError) -> ServiceError:
+    """Explain a failed write of an imported adapter; the caller has removed what was written."""
+    logger.error("Storing an imported adapter failed: %s", error)
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return ServiceError(
+        _("The adapter could not be stored (%(error)s); nothing was kept. Free disk space in the adapter "
+          "folder or ask the operator to, then import again.") % {"error": error.strerror or error},
+        code="storage_full" if full else "storage_failed",
+        status_code=507 if full else 500,
+    )
+
+
 def _check_base(folder: Path, base_weight_hash: str) -> None:
     """Reject an adapter whose own records name a different base than the one served here."""
     choice = current_base_choice()
@@ -177,7 +191,8 @@ def _check_base(folder: Path, base_weight_hash: str) -> None:
             continue
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
+        except ValueError as error:
+            logger.warning("Not checking the base weight hash in %s of an imported adapter: %s", record_name, error)
             continue
         recorded_hash = record.get("base_weight_hash")
         if recorded_hash and recorded_hash != base_weight_hash:
@@ -192,24 +207,31 @@ def version_import(
     task: Task,
     parts: Iterable[UploadedPart],
     *,
-    user: AbstractBaseUser | None = None,
+    user: Actor,
 ) -> AdapterVersion:
     """Validate an external PEFT LoRA adapter and store it as the task's next version.
 
-    The adapter must load onto the served base (every target module exists with the right
-    shapes), and its update B·A must be non-zero and change the base's output. The new
-    version is a candidate; activating it is a separate, audited step.
+    Needs the trainer role. The adapter must load onto the served base (every target module
+    exists with the right shapes), and its update B·A must be non-zero and change the base's
+    output. The new version is a candidate; activating it is a separate, audited step.
     """
+    require_role(user, Role.TRAINER)
     from .inference import get_engine
     from .serving.adapters import AdapterError, file_sha256, read_adapter
     from .serving.inspect import logit_change, update_norms
 
     engine = get_engine()
     root = Path(settings.LORAWEB_ADAPTER_ROOT) / task.slug
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=root))
     try:
-        _collect_parts(parts, staging)
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".import-", dir=root))
+    except OSError as error:
+        raise _storage_error(error) from error
+    try:
+        try:
+            _collect_parts(parts, staging)
+        except OSError as error:
+            raise _storage_error(error) from error
         for required in (CONFIG_NAME, WEIGHTS_NAME):
             if not (staging / required).is_file():
                 raise ServiceError(
@@ -253,7 +275,10 @@ def version_import(
                 },
             )
             final = root / f"v{version.number}-{uuid.uuid4().hex[:8]}"
-            os.replace(staging, final)
+            try:
+                os.replace(staging, final)
+            except OSError as error:
+                raise _storage_error(error) from error
             try:
                 _record_import(version, final, sha256, engine.base.weight_hash, norms, change)
             except Exception:

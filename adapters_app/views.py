@@ -6,18 +6,18 @@ import logging
 
 from asgiref.sync import sync_to_async
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
-from django.db.models import Prefetch
+from django.db.models import Count, Prefetch
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.safestring import mark_safe
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
+from loraweb.ratelimit import arate_limit_check, mark_rate_limited, rate_limit_form, user_identity
 from training_app.forms import DatasetUploadForm
 from training_app.models import TrainingJob
 
-from .forms import CompareForm, PlaygroundForm, ReasonForm, TaskForm
+from .forms import CompareForm, PlaygroundForm, ReasonForm, TaskDeleteForm, TaskForm
 from .playground import (
     answer_label,
     playground_admissions,
@@ -26,8 +26,10 @@ from .playground import (
     playground_stream_start,
     playground_texts,
 )
+from .access import require_page_role, role_required
 from .inference import Admission
 from .models import ActivationEvent, AdapterVersion, Task
+from .roles import Role, require_role
 from .services import ServiceError, task_create, version_activate
 from .compare import compare_versions, layer_map_svg
 from .transfer import UploadedPart, export_response, version_import
@@ -35,13 +37,30 @@ from .transfer import UploadedPart, export_response, version_import
 logger = logging.getLogger(__name__)
 
 
-@login_required
+def _dashboard_row(task: Task) -> dict[str, object]:
+    """Return what the dashboard shows of one task: its last job and its active version's mean eval loss."""
+    losses = list(task.active_version.eval_loss().values()) if task.active_version else []
+    return {
+        "task": task,
+        "last_job": next(iter(task.training_jobs.all()), None),
+        "mean_eval_loss": sum(losses) / len(losses) if losses else None,
+        "eval_dataset_count": len(losses),
+    }
+
+
+@role_required(Role.VIEWER)
 def dashboard(request: HttpRequest) -> HttpResponse:
-    tasks = Task.objects.select_related("active_version").prefetch_related(
-        Prefetch("training_jobs", queryset=TrainingJob.objects.order_by("-created_at"))
+    tasks = (
+        Task.objects.select_related("active_version")
+        .annotate(dataset_count=Count("datasets"))
+        .prefetch_related(
+            Prefetch("training_jobs", queryset=TrainingJob.objects.select_related("version").order_by("-created_at"))
+        )
     )
-    rows = [{"task": task, "last_job": next(iter(task.training_jobs.all()), None)} for task in tasks]
+    rows = [_dashboard_row(task) for task in tasks]
     form = TaskForm(request.POST or None)
+    if request.method == "POST":
+        require_page_role(request, Role.TRAINER)
 
     if request.method == "POST" and form.is_valid():
         try:
@@ -55,7 +74,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     return render(request, "adapters_app/dashboard.html", {"rows": rows, "form": form})
 
 
-@login_required
+@role_required(Role.TRAINER)
 @require_POST
 def demo_load(request: HttpRequest) -> HttpResponse:
     from training_app.demo import demo_load_data
@@ -69,7 +88,7 @@ def demo_load(request: HttpRequest) -> HttpResponse:
     return redirect("adapters_app:dashboard")
 
 
-@login_required
+@role_required(Role.VIEWER)
 def task_detail(request: HttpRequest, slug: str) -> HttpResponse:
     task = get_object_or_404(Task.objects.select_related("active_version"), slug=slug)
     versions = list(task.versions.select_related("parent", "training_job").order_by("-number"))
@@ -99,7 +118,7 @@ def task_detail(request: HttpRequest, slug: str) -> HttpResponse:
     return render(request, "adapters_app/task_detail.html", context)
 
 
-@login_required
+@role_required(Role.MAINTAINER)
 @require_POST
 def version_activate_view(request: HttpRequest, slug: str, number: int) -> HttpResponse:
     version = get_object_or_404(AdapterVersion.objects.select_related("task"), task__slug=slug, number=number)
@@ -117,17 +136,17 @@ def version_activate_view(request: HttpRequest, slug: str, number: int) -> HttpR
     return redirect("adapters_app:task_detail", slug=slug)
 
 
-@login_required
+@role_required(Role.VIEWER)
 def version_export_view(request: HttpRequest, slug: str, number: int) -> HttpResponse:
     version = get_object_or_404(AdapterVersion.objects.select_related("task", "parent"), task__slug=slug, number=number)
     try:
-        return export_response(version)
+        return export_response(version, user=request.user)
     except ServiceError as error:
         messages.error(request, error.message)
         return redirect("adapters_app:task_detail", slug=slug)
 
 
-@login_required
+@role_required(Role.TRAINER)
 @require_POST
 def version_import_view(request: HttpRequest, slug: str) -> HttpResponse:
     task = get_object_or_404(Task, slug=slug)
@@ -145,7 +164,34 @@ def version_import_view(request: HttpRequest, slug: str) -> HttpResponse:
     return redirect("adapters_app:task_detail", slug=slug)
 
 
-@login_required
+@role_required(Role.MAINTAINER)
+def task_delete_view(request: HttpRequest, slug: str) -> HttpResponse:
+    """Ask for confirmation (GET), then delete the task with its versions, datasets and files (POST)."""
+    from training_app.deletion import task_delete
+
+    task = get_object_or_404(Task.objects.select_related("active_version"), slug=slug)
+    form = TaskDeleteForm(request.POST or None, task=task)
+    context = {
+        "task": task,
+        "form": form,
+        "versions": task.versions.count(),
+        "datasets": task.datasets.count(),
+        "jobs": task.training_jobs.count(),
+    }
+
+    if request.method == "POST" and form.is_valid():
+        try:
+            deletion = task_delete(task, user=request.user, reason=form.cleaned_data["reason"])
+        except ServiceError as error:
+            form.add_error(None, error.message)
+            return render(request, "adapters_app/task_confirm_delete.html", context, status=error.status_code)
+        messages.success(request, deletion.message)
+        return redirect("adapters_app:dashboard")
+
+    return render(request, "adapters_app/task_confirm_delete.html", context)
+
+
+@role_required(Role.VIEWER)
 def task_compare(request: HttpRequest, slug: str) -> HttpResponse:
     task = get_object_or_404(Task.objects.select_related("active_version"), slug=slug)
     ready = list(task.versions.filter(status=AdapterVersion.Status.READY).select_related("parent").order_by("number"))
@@ -153,7 +199,8 @@ def task_compare(request: HttpRequest, slug: str) -> HttpResponse:
     comparison = None
     layer_maps: list[tuple[str, str, str]] = []
 
-    if request.GET and form.is_valid():
+    # A comparison generates answers like the playground does, so it counts against the same limit.
+    if request.GET and form.is_valid() and not rate_limit_form(form, "playground", [user_identity(request.user)]):
         chosen = [version for version in ready if str(version.number) in form.cleaned_data["versions"]]
         comparison = compare_versions(
             task, chosen, include_base=form.cleaned_data["include_base"], prompts=form.prompt_list()
@@ -172,7 +219,7 @@ def task_compare(request: HttpRequest, slug: str) -> HttpResponse:
             layer_maps.append((column.label, mark_safe(update), mark_safe(shift)))
 
     context = {"task": task, "form": form, "comparison": comparison, "layer_maps": layer_maps}
-    return render(request, "adapters_app/compare.html", context)
+    return mark_rate_limited(render(request, "adapters_app/compare.html", context), form)
 
 
 def _playground_form(request: HttpRequest) -> tuple[PlaygroundForm, list[Admission]]:
@@ -180,7 +227,7 @@ def _playground_form(request: HttpRequest) -> tuple[PlaygroundForm, list[Admissi
     initial = {"task": request.GET.get("task")} if request.GET.get("task") else None
     form = PlaygroundForm(request.POST or None, initial=initial)
     admissions: list[Admission] = []
-    if request.method == "POST" and form.is_valid():
+    if request.method == "POST" and form.is_valid() and not rate_limit_form(form, "playground", [user_identity(request.user)]):
         try:
             admissions = playground_admissions(form)
         except ServiceError as error:
@@ -188,7 +235,7 @@ def _playground_form(request: HttpRequest) -> tuple[PlaygroundForm, list[Admissi
     return form, admissions
 
 
-@login_required
+@role_required(Role.VIEWER)
 async def playground(request: HttpRequest) -> HttpResponse:
     # Async, so that under ASGI the generation is awaited and no Django thread waits for it.
     form, admissions = await sync_to_async(_playground_form)(request)
@@ -202,7 +249,8 @@ async def playground(request: HttpRequest) -> HttpResponse:
             answers = [(answer_label(admission), completion) for admission, completion in zip(admissions, completions)]
 
     context = {"form": form, "answers": answers, "playground_texts": playground_texts()}
-    return await sync_to_async(render)(request, "adapters_app/playground.html", context)
+    response = await sync_to_async(render)(request, "adapters_app/playground.html", context)
+    return mark_rate_limited(response, form)
 
 
 def _stream_form(request: HttpRequest) -> tuple[str, list[Admission]]:
@@ -228,6 +276,12 @@ async def playground_stream(request: HttpRequest) -> HttpResponse:
     if not user.is_authenticated:
         return _error_response(ServiceError(_("Log in to use the playground."), code="login_required", status_code=401))
     try:
+        await sync_to_async(require_role)(user, Role.VIEWER)
+    except ServiceError as error:
+        return _error_response(error)
+
+    try:
+        await arate_limit_check("playground", user_identity(user))
         prompt, admissions = await sync_to_async(_stream_form)(request)
         handles, events = await playground_stream_start(admissions, prompt)
     except ServiceError as error:

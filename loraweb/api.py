@@ -15,9 +15,20 @@ from adapters_app.services import ServiceError
 from training_app.api import router as training_router
 from training_app.services import DatasetRejected
 
-from .api_auth import API_AUTH
+from .api_auth import API_AUTH, schema_auth
 
 logger = logging.getLogger(__name__)
+
+def _api_error(request: HttpRequest, exc: ServiceError) -> HttpResponse:
+    return api.create_response(
+        request, {"errors": [{"line": None, "code": exc.code, "message": exc.message}]}, status=exc.status_code
+    )
+
+
+def _openai_schema_error(request: HttpRequest, exc: ServiceError) -> HttpResponse:
+    kind = "authentication_error" if exc.status_code == 401 else "permission_error"
+    return _openai_error(request, exc.message, exc.code, exc.status_code, kind)
+
 
 api = NinjaAPI(
     title="loraweb API",
@@ -25,6 +36,8 @@ api = NinjaAPI(
     urls_namespace="api_v1",
     auth=API_AUTH,
     docs_url=None,
+    # The OpenAPI schema lists every endpoint, so it needs a token or a session like them.
+    docs_decorator=schema_auth(lambda request, exc: _api_error(request, exc)),
 )
 api.add_router("/", adapters_router)
 api.add_router("/", training_router)
@@ -80,6 +93,7 @@ openai_api = NinjaAPI(
     urls_namespace="openai_v1",
     auth=API_AUTH,
     docs_url=None,
+    docs_decorator=schema_auth(lambda request, exc: _openai_schema_error(request, exc)),
 )
 openai_api.add_router("/", openai_router)
 
@@ -90,9 +104,16 @@ def _openai_error(request: HttpRequest, message: str, code: str, status: int, ki
     )
 
 
+# OpenAI's error types for the statuses loraweb answers; every other 4xx is an invalid request.
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
 @openai_api.exception_handler(ServiceError)
 def openai_service_error(request: HttpRequest, exc: ServiceError) -> HttpResponse:
-    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    if exc.status_code >= 500:
+        kind = "server_error"
+    else:
+        kind = OPENAI_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
     return _with_retry_after(_openai_error(request, exc.message, exc.code, exc.status_code, kind), exc)
 
 

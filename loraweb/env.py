@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -59,3 +60,44 @@ def env_list(name: str, default: list[str]) -> list[str]:
 def env_path(name: str, default: Path) -> Path:
     raw = os.environ.get(name)
     return Path(raw).expanduser().resolve() if raw else default
+
+
+# Seconds in each unit a rate may name, e.g. "60/minute" or "5/10s".
+_RATE_UNITS = {
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}
+_RATE_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+
+
+def parse_rate(text: str) -> tuple[int, int] | None:
+    """Parse a rate such as "60/minute" or "5/10s" into (requests, window in seconds).
+
+    "off" (or "none") turns the limit off and returns None. Raises ImproperSetting on anything else.
+    """
+    lowered = text.strip().lower()
+    if lowered in {"off", "none"}:
+        return None
+    match = _RATE_PATTERN.match(lowered)
+    if match is None or match.group(3) not in _RATE_UNITS:
+        raise ImproperSetting(
+            f"rate {text!r} is invalid; use REQUESTS/UNIT such as 60/minute or 5/10s "
+            "(units: second, minute, hour, day), or off"
+        )
+    requests = int(match.group(1))
+    window_s = int(match.group(2) or 1) * _RATE_UNITS[match.group(3)]
+    if requests < 1 or window_s < 1:
+        raise ImproperSetting(f"rate {text!r} is invalid; the request count and the window must be at least 1")
+    return requests, window_s
+
+
+def env_rate(name: str, default: str) -> str:
+    """Read a rate limit (see parse_rate) and return it as written, after checking that it parses."""
+    value = env_str(name, default)
+    try:
+        parse_rate(value)
+    except ImproperSetting as error:
+        raise ImproperSetting(f"{name}: {error}") from None
+    return value

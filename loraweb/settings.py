@@ -11,7 +11,8 @@ from pathlib import Path
 import dj_database_url
 from django.utils.translation import gettext_lazy as _
 
-from .env import ImproperSetting, env_bool, env_float, env_int, env_list, env_path, env_str
+from .env import ImproperSetting, env_bool, env_float, env_int, env_list, env_path, env_rate, env_str
+from .logs import LOG_FORMATS, logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -19,18 +20,59 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 VAR_DIR = env_path("LORAWEB_VAR_DIR", BASE_DIR / "var")
 
+# Production turns on the HTTPS and cookie protections below and refuses to start with debug
+# mode, without a secret key or without the server's host names.
+LORAWEB_PRODUCTION = env_bool("LORAWEB_PRODUCTION", False)
 DEBUG = env_bool("LORAWEB_DEBUG", False)
+if LORAWEB_PRODUCTION and DEBUG:
+    raise ImproperSetting("LORAWEB_DEBUG is on but LORAWEB_PRODUCTION is on too; unset LORAWEB_DEBUG in production")
 SECRET_KEY = env_str("LORAWEB_SECRET_KEY", "")
 if not SECRET_KEY:
-    if not DEBUG and env_bool("LORAWEB_PRODUCTION", False):
-        raise ImproperSetting("LORAWEB_SECRET_KEY must be set when LORAWEB_PRODUCTION is on")
+    if LORAWEB_PRODUCTION:
+        raise ImproperSetting(
+            "LORAWEB_SECRET_KEY must be set when LORAWEB_PRODUCTION is on; generate one with "
+            "python -c 'from django.core.management.utils import get_random_secret_key as k; print(k())'"
+        )
     # A local-only key so `make run` works with no configuration; production sets its own.
     SECRET_KEY = "loraweb-local-development-key-not-for-production"
 
+if LORAWEB_PRODUCTION and not env_list("LORAWEB_ALLOWED_HOSTS", []):
+    raise ImproperSetting(
+        "LORAWEB_ALLOWED_HOSTS must be set when LORAWEB_PRODUCTION is on; list the server's host names, "
+        "separated by commas"
+    )
 ALLOWED_HOSTS = env_list("LORAWEB_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+# Origins (scheme and host) allowed to send forms, needed when a proxy changes the Host header.
+CSRF_TRUSTED_ORIGINS = env_list("LORAWEB_CSRF_TRUSTED_ORIGINS", [])
+
+# Headers every response carries. These are Django's defaults, set here so readers see them.
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+# HTTPS protections apply in production only, so `make run` keeps working over plain http.
+SESSION_COOKIE_SECURE = LORAWEB_PRODUCTION
+CSRF_COOKIE_SECURE = LORAWEB_PRODUCTION
+SECURE_SSL_REDIRECT = LORAWEB_PRODUCTION and env_bool("LORAWEB_SSL_REDIRECT", True)
+# Load balancers and Prometheus reach the process itself over plain http, so a redirect would
+# fail their probes and scrapes.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env_int("LORAWEB_HSTS_SECONDS", 365 * 86400, minimum=0) if LORAWEB_PRODUCTION else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = LORAWEB_PRODUCTION and env_bool("LORAWEB_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = LORAWEB_PRODUCTION and env_bool("LORAWEB_HSTS_PRELOAD", True)
+# Behind a proxy that terminates TLS, its X-Forwarded-Proto header shows Django that the request
+# came over https. Turn this on only when the proxy sets that header on every request and drops
+# the one a client sends, or a client could make a plain http request look secure.
+if env_bool("LORAWEB_SECURE_PROXY_SSL_HEADER", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SILENCED_SYSTEM_CHECKS: list[str] = []
+if LORAWEB_PRODUCTION and not SECURE_SSL_REDIRECT:
+    # The operator turned the redirect off because the proxy in front redirects http to https.
+    SILENCED_SYSTEM_CHECKS.append("security.W008")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # Django's admin with a site that also lets trainers and maintainers in (see admin_site.py).
+    "adapters_app.admin_site.LorawebAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -41,6 +83,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so that every log line of a request carries its id and every response is counted.
+    "loraweb.observability.RequestIdMiddleware",
+    "loraweb.observability.HttpMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # WhiteNoise's own middleware is sync-only, which under ASGI would run every view behind
     # it in Django's single sync thread; this subclass also runs async.
@@ -70,6 +115,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "adapters_app.context_processors.base_model",
+                "adapters_app.context_processors.roles",
             ],
         },
     },
@@ -180,7 +226,12 @@ if LORAWEB_ROLE not in {"all", "dashboard", "inference"}:
 LORAWEB_ADAPTER_ROOT = env_path("LORAWEB_ADAPTER_ROOT", VAR_DIR / "adapters")
 
 # Training jobs: a job whose heartbeat is older than this is marked failed by the sweeper.
-LORAWEB_JOB_HEARTBEAT_TIMEOUT = env_int("LORAWEB_JOB_HEARTBEAT_TIMEOUT", 300, minimum=10)
+# A running job's worker writes its heartbeat every fifth of this time, at most every 30 s.
+LORAWEB_JOB_HEARTBEAT_TIMEOUT = env_int("LORAWEB_JOB_HEARTBEAT_TIMEOUT", 300, minimum=2)
+# Seconds between two sweeps (stale running jobs, queued jobs whose message the broker lost).
+LORAWEB_JOB_SWEEP_INTERVAL = env_int("LORAWEB_JOB_SWEEP_INTERVAL", 60, minimum=1)
+# A job queued this long whose message is no longer in the broker is sent again by the sweeper.
+LORAWEB_JOB_REQUEUE_AFTER = env_int("LORAWEB_JOB_REQUEUE_AFTER", 120, minimum=1)
 LORAWEB_JOB_TIME_LIMIT = env_int("LORAWEB_JOB_TIME_LIMIT", 6 * 3600, minimum=60)
 
 # Celery with Redis as broker and result store.
@@ -188,8 +239,15 @@ LORAWEB_REDIS_URL = env_str("LORAWEB_REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = LORAWEB_REDIS_URL
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
+# A worker child that dies puts its message back; the claim makes that delivery a no-op once
+# the job has started (see "Training workers under faults" in docs/operations.md).
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A training job keeps running when the broker connection drops; it is safe to deliver twice.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+# Each worker child runs this many jobs and is then replaced, so memory one job leaves behind
+# (allocator caches, a CUDA context) never adds up across jobs; 0 keeps children forever.
+CELERY_WORKER_MAX_TASKS_PER_CHILD = env_int("LORAWEB_WORKER_MAX_TASKS_PER_CHILD", 1, minimum=0) or None
 CELERY_TASK_TIME_LIMIT = LORAWEB_JOB_TIME_LIMIT
 # Redis redelivers an unacknowledged message after this timeout; it must exceed the
 # longest job or a running job would be delivered to a second worker.
@@ -198,20 +256,32 @@ CELERY_TASK_DEFAULT_QUEUE = env_str("LORAWEB_CELERY_QUEUE", "loraweb")
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = env_bool("LORAWEB_CELERY_EAGER", False)
 CELERY_BEAT_SCHEDULE = {
-    "sweep-stale-jobs": {"task": "training_app.tasks.sweep_stale_jobs", "schedule": 60.0},
+    # A sweep that waits behind a long job is dropped; the next one does the same work.
+    "sweep-stale-jobs": {
+        "task": "training_app.tasks.sweep_stale_jobs",
+        "schedule": float(LORAWEB_JOB_SWEEP_INTERVAL),
+        "options": {"expires": float(LORAWEB_JOB_SWEEP_INTERVAL)},
+    },
 }
+
+# Rate limits, counted in Redis (LORAWEB_REDIS_URL) so they hold across processes: requests per
+# window for each user (playground, /v1/completions) and login attempts per client address and
+# per user name. "off" turns one off. When Redis fails or times out, requests are let through.
+LORAWEB_RATE_LIMIT_COMPLETIONS = env_rate("LORAWEB_RATE_LIMIT_COMPLETIONS", "60/minute")
+LORAWEB_RATE_LIMIT_PLAYGROUND = env_rate("LORAWEB_RATE_LIMIT_PLAYGROUND", "30/minute")
+LORAWEB_RATE_LIMIT_LOGIN = env_rate("LORAWEB_RATE_LIMIT_LOGIN", "10/minute")
+LORAWEB_RATE_LIMIT_PREFIX = env_str("LORAWEB_RATE_LIMIT_PREFIX", "loraweb:ratelimit:")
+# Reverse proxies in front of the server that append the client address to X-Forwarded-For.
+# With 0 the client address is the connection's, which behind a proxy is the proxy's address.
+LORAWEB_TRUSTED_PROXIES = env_int("LORAWEB_TRUSTED_PROXIES", 0, minimum=0)
 
 # Promotion policy given to new tasks; each task can change its own in admin.
 LORAWEB_DEFAULT_MIN_IMPROVEMENT = env_float("LORAWEB_DEFAULT_MIN_IMPROVEMENT", 0.0)
 LORAWEB_DEFAULT_FORGETTING_TOLERANCE = env_float("LORAWEB_DEFAULT_FORGETTING_TOLERANCE", 0.1)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LORAWEB_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
-}
+# "text" for people, "json" (one object per line) for log collectors; the Celery worker uses the
+# same configuration (loraweb/celery.py).
+LORAWEB_LOG_FORMAT = env_str("LORAWEB_LOG_FORMAT", "text")
+if LORAWEB_LOG_FORMAT not in LOG_FORMATS:
+    raise ImproperSetting(f"LORAWEB_LOG_FORMAT={LORAWEB_LOG_FORMAT!r} is invalid; use text or json")
+LOGGING = logging_config(LORAWEB_LOG_FORMAT, env_str("LORAWEB_LOG_LEVEL", "INFO"))

@@ -22,6 +22,10 @@ CELERY_BROKER_URL = LORAWEB_REDIS_URL
 CELERY_TASK_DEFAULT_QUEUE = env_str("LORAWEB_CELERY_QUEUE", f"loraweb-test-{os.getpid()}")
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# Tests send many requests as one user; the rate limit tests turn the limits on for themselves.
+LORAWEB_RATE_LIMIT_COMPLETIONS = "off"
+LORAWEB_RATE_LIMIT_PLAYGROUND = "off"
+LORAWEB_RATE_LIMIT_LOGIN = "off"
 LORAWEB_TORCH_THREADS = 2
 
 # One test database per pytest process, so two suites run at once on one checkout do not

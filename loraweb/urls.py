@@ -8,6 +8,12 @@ from django.urls import include, path
 from adapters_app import urls as adapters_urls
 
 from .api import api, openai_api
+from .health import readyz
+from .login import LoginView, RateLimitedAdminAuthenticationForm
+from .metrics import metrics
+
+# The admin's login page counts attempts like the site's own (see loraweb.login).
+admin.site.login_form = RateLimitedAdminAuthenticationForm
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -23,13 +29,17 @@ def urlpatterns_for_role(role: str) -> list:
     pages = [
         path("training/", include("training_app.urls")),
         path("admin/", admin.site.urls),
-        path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+        path("accounts/login/", LoginView.as_view(), name="login"),
         path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
         path("i18n/", include("django.conf.urls.i18n")),
         path("api/v1/", api.urls),
     ]
     openai = [path("v1/", openai_api.urls)]
-    health = [path("healthz", healthz, name="healthz")]
+    health = [
+        path("healthz", healthz, name="healthz"),
+        path("readyz", readyz, name="readyz"),
+        path("metrics", metrics, name="metrics"),
+    ]
     if role == "inference":
         return [path("", include((adapters_urls.inference_urlpatterns, "adapters_app"))), *openai, *health]
     if role == "dashboard":

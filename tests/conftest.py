@@ -39,3 +39,36 @@ def gpt2_tokenizer():
     from adapters_app.serving.base import build_gpt2_tokenizer
 
     return build_gpt2_tokenizer()
+
+
+def _user_with_role(django_user_model, username: str, role: str | None):
+    """Create a user with a password, in the role group `role` (viewer, trainer, maintainer) or none."""
+    from django.contrib.auth.models import Group
+
+    user = django_user_model.objects.create_user(username, password="pw-for-tests-only")
+    if role is not None:
+        # Migration 0005 creates the groups, but tests with transaction=True flush them away.
+        group, _created = Group.objects.get_or_create(name=role)
+        user.groups.add(group)
+    return user
+
+
+@pytest.fixture
+def viewer_user(django_user_model):
+    return _user_with_role(django_user_model, "viewer", "viewer")
+
+
+@pytest.fixture
+def trainer_user(django_user_model):
+    return _user_with_role(django_user_model, "trainer", "trainer")
+
+
+@pytest.fixture
+def maintainer_user(django_user_model):
+    return _user_with_role(django_user_model, "maintainer", "maintainer")
+
+
+@pytest.fixture
+def roleless_user(django_user_model):
+    """A user who can log in but belongs to no role group."""
+    return _user_with_role(django_user_model, "newcomer", None)

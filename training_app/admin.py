@@ -3,11 +3,13 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
+from adapters_app.admin import RoleAdmin
+
 from .models import Dataset, TrainingJob
 
 
 @admin.register(Dataset)
-class DatasetAdmin(admin.ModelAdmin):
+class DatasetAdmin(RoleAdmin, admin.ModelAdmin):
     list_display = ("original_name", "task", "format", "num_examples", "num_train", "num_validation", "created_at")
     list_filter = ("format", "task")
     search_fields = ("original_name", "sha256", "task__slug")
@@ -30,7 +32,7 @@ class DatasetAdmin(admin.ModelAdmin):
 
 
 @admin.register(TrainingJob)
-class TrainingJobAdmin(admin.ModelAdmin):
+class TrainingJobAdmin(RoleAdmin, admin.ModelAdmin):
     list_display = ("pk", "task", "version", "state", "progress", "warm_start_from", "created_at", "finished_at")
     list_filter = ("state", "task")
     search_fields = ("task__slug", "error", "celery_task_id")

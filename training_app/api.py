@@ -8,6 +8,7 @@ from django.http import HttpRequest
 from django.utils.translation import gettext as _
 from ninja import File, Form, Router, Schema, Status
 from ninja.files import UploadedFile
+from pydantic import Field
 
 from adapters_app.api import VersionOut, version_out
 from adapters_app.services import NotFound, ServiceError, task_get
@@ -61,7 +62,8 @@ class DatasetOut(Schema):
 
 
 class TrainIn(Schema):
-    dataset_ids: list[int]
+    # Documents the rule of training_start, which rejects an empty list with its own message.
+    dataset_ids: list[int] = Field(json_schema_extra={"minItems": 1})
     warm_start: bool | None = None
     hyperparameters: dict = {}
 

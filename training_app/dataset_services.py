@@ -19,11 +19,11 @@ from pathlib import Path, PurePath
 from typing import IO, TYPE_CHECKING
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils.translation import gettext as _
 
 from adapters_app.models import AdapterVersion, Task
+from adapters_app.roles import Actor, Role, actor_user, require_role
 from adapters_app.services import ServiceError
 
 from .ingest import (
@@ -256,14 +256,15 @@ def dataset_upload(
     *,
     original_name: str,
     options: IngestOptions | None = None,
-    user: AbstractBaseUser | None = None,
+    user: Actor,
 ) -> UploadOutcome:
     """Validate an uploaded file completely, then store it and its prepared examples.
 
-    Nothing is stored when validation fails (DatasetRejected) or the file exceeds
+    Needs the trainer role. Nothing is stored when validation fails (DatasetRejected) or the file exceeds
     LORAWEB_MAX_UPLOAD_BYTES (ServiceError, status 413). A file with the same sha256 as a
     dataset of the task returns that dataset, whatever the options, and stores no copy.
     """
+    require_role(user, Role.TRAINER)
     name = display_name(original_name)
     try:
         check_file_name(name)
@@ -318,7 +319,7 @@ def _store(
     examples_path: Path,
     report: IngestReport,
     options: IngestOptions,
-    user: AbstractBaseUser | None,
+    user: Actor,
 ) -> Dataset:
     """Move both files into place under generated names and create the row."""
     base = f"{task.pk}-{uuid.uuid4().hex}"
@@ -363,7 +364,7 @@ def _store(
                 {"prompt": row.prompt, "completion": row.completion, "tokens": row.tokens, "truncated": row.truncated}
                 for row in report.preview
             ],
-            created_by=user if user is not None and user.is_authenticated else None,
+            created_by=actor_user(user),
         )
     except Exception:
         for path in final_paths:
@@ -438,14 +439,22 @@ def dataset_versions(dataset: Dataset) -> list[AdapterVersion]:
     return list(versions.order_by("number"))
 
 
-def dataset_delete(dataset: Dataset, *, user: AbstractBaseUser | None = None) -> None:
+def dataset_delete(dataset: Dataset, *, user: Actor, reason: str = "") -> None:
     """Delete an unused dataset and its files, or raise ServiceError (409) when a version used it.
+
+    Needs the maintainer role. A version uses a dataset when its job trained on it or its
+    training record scored it. The deletion is kept as an AuditEvent.
 
     The files are removed after the transaction commits, so a failed delete keeps them.
     """
+    from adapters_app.audit import audit_record
+
+    require_role(user, Role.MAINTAINER)
     with transaction.atomic():
         locked = Dataset.objects.select_for_update().select_related("task").get(pk=dataset.pk)
-        versions = dataset_versions(locked)
+        versions = sorted(
+            {*dataset_versions(locked), *_versions_recording(locked)}, key=lambda version: version.number
+        )
         if versions:
             raise ServiceError(
                 _("“%(name)s” trained %(versions)s, so it cannot be deleted; the versions need it to stay reproducible.")
@@ -458,6 +467,19 @@ def dataset_delete(dataset: Dataset, *, user: AbstractBaseUser | None = None) ->
         examples = prepared_path(locked)
         if examples is not None:
             paths.append(examples)
+        audit_record(
+            "dataset.delete",
+            f"{locked.task.slug}/{locked.original_name} (#{locked.pk})",
+            user=user,
+            reason=reason.strip(),
+            details={
+                "task": locked.task.slug,
+                "dataset": locked.pk,
+                "file_name": locked.original_name,
+                "sha256": locked.sha256,
+                "examples": locked.num_examples,
+            },
+        )
         locked.delete()
         transaction.on_commit(lambda: _remove_files(paths))
 
@@ -465,6 +487,16 @@ def dataset_delete(dataset: Dataset, *, user: AbstractBaseUser | None = None) ->
         "Deleted dataset %s (%r) of task %s by user %s",
         dataset.pk, dataset.original_name, locked.task.slug, getattr(user, "pk", None),
     )
+
+
+def _versions_recording(dataset: Dataset) -> list[AdapterVersion]:
+    """Return the task's versions whose training record lists the dataset (trained on or scored)."""
+    versions = AdapterVersion.objects.filter(task_id=dataset.task_id).only("pk", "number", "metrics", "task_id")
+    return [
+        version
+        for version in versions
+        if any(entry.get("id") == dataset.pk for entry in version.metrics.get("record", {}).get("datasets", []))
+    ]
 
 
 def _remove_files(paths: list[Path]) -> None:

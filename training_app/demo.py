@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils.translation import gettext_lazy as _
 
 from adapters_app.models import AdapterVersion, Task
+from adapters_app.roles import Actor
 from adapters_app.services import task_create
 
 from . import demo_data
@@ -42,8 +42,11 @@ DATASET_FILES = {
 HELDOUT = {TASK_A: "spell-digits", TASK_B: "reverse-words"}
 
 
-def demo_load_data(*, user: AbstractBaseUser | None = None) -> list[Task]:
-    """Create the demo tasks and upload their datasets; running it twice changes nothing."""
+def demo_load_data(*, user: Actor) -> list[Task]:
+    """Create the demo tasks and upload their datasets; running it twice changes nothing.
+
+    Needs the trainer role, which task_create and dataset_upload check.
+    """
     tasks = []
     with tempfile.TemporaryDirectory(prefix="loraweb-demo-") as folder:
         paths = demo_data.write_demo_datasets(Path(folder))
@@ -127,7 +130,7 @@ def exact_match(model: str, pairs: list[tuple[str, str]]) -> tuple[float, list[s
     return hits / max(len(pairs), 1), answers
 
 
-def demo_run(*, user: AbstractBaseUser | None, report: Callable[[str], None], timeout: float = 1800) -> DemoReport:
+def demo_run(*, user: Actor, report: Callable[[str], None], timeout: float = 1800) -> DemoReport:
     from adapters_app.inference import get_engine
     from adapters_app.serving.base import state_dict_hash
 

@@ -144,14 +144,29 @@ class TrainForm(forms.Form):
         self.fields["start"].choices = choices
         self.fields["start"].initial = choices[0][0]
 
-        # Show the balanced preset's values, the defaults, as placeholders.
-        from .trainer_config import TrainingConfig
+        # Most often a new version trains on the dataset uploaded last.
+        newest = self.fields["datasets"].queryset.first()
+        if newest is not None:
+            self.fields["datasets"].initial = [newest.pk]
 
-        defaults = TrainingConfig()
-        for name in self.HYPERPARAMETER_FIELDS:
-            value = getattr(defaults, name)
-            if value is not None and not isinstance(self.fields[name], forms.ChoiceField):
-                self.fields[name].widget.attrs["placeholder"] = str(value)
+        # Show the balanced preset's values, the defaults, as placeholders; the page's script
+        # swaps in another preset's values when that preset is chosen.
+        for name, value in self.preset_placeholders()["balanced"].items():
+            self.fields[name].widget.attrs["placeholder"] = value
+
+    def preset_placeholders(self) -> dict[str, dict[str, str]]:
+        """Return, per preset, the value each empty hyperparameter field would take."""
+        from .trainer_config import PRESETS, TrainingConfig
+
+        placeholders: dict[str, dict[str, str]] = {}
+        for preset in PRESETS:
+            config = TrainingConfig.from_dict({"preset": preset})
+            placeholders[preset] = {
+                name: str(getattr(config, name))
+                for name in self.HYPERPARAMETER_FIELDS
+                if getattr(config, name) is not None and not isinstance(self.fields[name], forms.ChoiceField)
+            }
+        return placeholders
 
     def hyperparameters(self) -> dict:
         data = self.cleaned_data

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from django.utils.translation import gettext, gettext_noop
 
 from adapters_app.messages import render_message
 
 from .ingest import MESSAGE_TEMPLATES, Problem
+
+logger = logging.getLogger(__name__)
 
 JOB_LOG_MESSAGES: dict[str, str] = {
     "started": gettext_noop("Started on %(host)s."),
@@ -19,6 +23,14 @@ JOB_LOG_MESSAGES: dict[str, str] = {
     "finished": gettext_noop("Finished in %(seconds)s s. Eval loss: %(losses)s."),
     "cancelled": gettext_noop("Cancelled before the next step; no version files were kept."),
     "failed": gettext_noop("Failed: %(error)s"),
+    "worker_lost": gettext_noop(
+        "The worker stopped reporting for more than %(seconds)s seconds (it was stopped or ran out of "
+        "memory); the job was marked failed and no version files were kept. Start a new training run."
+    ),
+    "queue_unreachable": gettext_noop(
+        "The job queue could not be reached; the job stays queued and is sent again automatically."
+    ),
+    "requeued": gettext_noop("The job queue had lost this job (the broker restarted); it was sent again."),
 }
 
 
@@ -42,5 +54,6 @@ def problem_message(problem: Problem) -> str:
         return problem.message
     try:
         return gettext(template) % problem.params
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError) as error:
+        logger.warning("Translation of problem %s does not accept the parameters %r: %s", problem.code, problem.params, error)
         return problem.message

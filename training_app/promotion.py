@@ -17,6 +17,7 @@ from django.conf import settings
 
 from adapters_app.messages import PROMOTION_MESSAGES, render_message
 from adapters_app.models import ActivationEvent, AdapterVersion, Task
+from adapters_app.roles import SYSTEM
 from adapters_app.services import version_activate
 
 from .models import Dataset, TrainingJob
@@ -105,7 +106,7 @@ def promote_version(job: TrainingJob, version: AdapterVersion, result: TrainingR
     promotion = {"code": decision.code, "params": decision.params, "active_scores": active_scores}
     AdapterVersion.objects.filter(pk=version.pk).update(promotion_note=note, promotion=promotion)
     if decision.activate:
-        version_activate(version, reason=note, kind=ActivationEvent.Kind.AUTO)
+        version_activate(version, reason=note, user=SYSTEM, kind=ActivationEvent.Kind.AUTO)
     logger.info("Promotion of %s: %s", version, note)
     return decision
 

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from adapters_app.messages import render_message
 from adapters_app.models import AdapterVersion, Task
+from adapters_app.roles import Actor, Role, actor_user, require_role
 from adapters_app.services import ServiceError, version_allocate
+from loraweb.logs import bind_log_context, log_context
 
 from .dataset_services import (  # noqa: F401 - views, the API and the demo call these through services
     DatasetRejected,
@@ -39,6 +41,8 @@ from .dataset_services import (  # noqa: F401 - views, the API and the demo call
     upload_too_large_error,
 )
 from .ingest import Example
+from .job_health import JobHeartbeat, broker_task_ids
+from .messages import JOB_LOG_MESSAGES
 from .models import Dataset, TrainingJob
 from .promotion import promote_version
 
@@ -59,16 +63,17 @@ def training_start(
     dataset_ids: list[int],
     warm_start: bool | None = None,
     hyperparameters: dict | None = None,
-    user: AbstractBaseUser | None = None,
+    user: Actor,
     enqueue: bool = True,
 ) -> TrainingJob:
     """Create version N+1 and its job in one transaction, and queue the job after commit.
 
-    `warm_start=None` means: continue from the active version when the task has one.
+    Needs the trainer role. `warm_start=None` means: continue from the active version when the task has one.
     With `enqueue=False` the caller runs the job itself (`manage.py train`).
     """
     from .trainer import ConfigError, TrainingConfig
 
+    require_role(user, Role.TRAINER)
     try:
         config = TrainingConfig.from_dict(hyperparameters or {})
         config.validate()
@@ -77,7 +82,9 @@ def training_start(
 
     if not dataset_ids:
         raise ServiceError(_("Choose at least one dataset to train on."), code="no_datasets")
-    datasets = list(task.datasets.filter(pk__in=dataset_ids))
+    # An id beyond a 64-bit key names no dataset, and SQLite raises OverflowError on it in a query.
+    storable_ids = [pk for pk in dataset_ids if -(2**63) <= pk < 2**63]
+    datasets = list(task.datasets.filter(pk__in=storable_ids))
     missing = sorted(set(dataset_ids) - {dataset.pk for dataset in datasets})
     if missing:
         raise ServiceError(
@@ -87,7 +94,8 @@ def training_start(
         )
 
     with transaction.atomic():
-        task = Task.objects.select_for_update().select_related("active_version").get(pk=task.pk)
+        # `of` locks only the task row: Postgres cannot lock the nullable side of the join.
+        task = Task.objects.select_for_update(of=("self",)).select_related("active_version").get(pk=task.pk)
         parent = task.active_version
         if warm_start is None:
             warm_start = parent is not None
@@ -104,7 +112,7 @@ def training_start(
             version=version,
             warm_start_from=parent,
             hyperparameters=config.to_dict(),
-            created_by=user if user is not None and user.is_authenticated else None,
+            created_by=actor_user(user),
         )
         job.datasets.set(datasets)
         if enqueue:
@@ -122,14 +130,31 @@ def training_start(
 
 
 def _enqueue(job_id: int) -> None:
+    # The id is stored before the message is sent, so the sweeper can always tell whether the
+    # message of a queued job is still in the broker.
+    task_id = str(uuid.uuid4())
+    TrainingJob.objects.filter(pk=job_id).update(celery_task_id=task_id)
+    _publish(job_id, task_id)
+
+
+def _publish(job_id: int, task_id: str) -> bool:
+    """Send the job's message; when the broker cannot be reached, the job stays queued for the sweeper."""
+    from kombu.exceptions import OperationalError
+
     from .tasks import train_adapter
 
-    result = train_adapter.delay(job_id)
-    TrainingJob.objects.filter(pk=job_id).update(celery_task_id=result.id or "")
+    try:
+        train_adapter.apply_async(args=[job_id], task_id=task_id)
+    except OperationalError:
+        logger.warning("Job %s not sent: the broker cannot be reached; the sweeper sends it again", job_id, exc_info=True)
+        _append_log(job_id, "queue_unreachable")
+        return False
+    return True
 
 
-def job_cancel(job: TrainingJob, *, user: AbstractBaseUser | None = None) -> TrainingJob:
-    """Ask a job to stop: a queued job is cancelled now, a running one at its next step."""
+def job_cancel(job: TrainingJob, *, user: Actor) -> TrainingJob:
+    """Ask a job to stop: a queued job is cancelled now, a running one at its next step. Needs the trainer role."""
+    require_role(user, Role.TRAINER)
     now = timezone.now()
     cancelled_now = TrainingJob.objects.filter(pk=job.pk, state=TrainingJob.State.QUEUED).update(
         state=TrainingJob.State.CANCELLED, cancel_requested=True, finished_at=now
@@ -231,18 +256,26 @@ class _JobReporter:
 
 def training_run(job_id: int, *, listener: Callable[[Progress], None] | None = None) -> None:
     """Run a queued job to a final state: succeeded, failed or cancelled, never stuck."""
-    from .trainer import TrainingCancelled, train_lora
+    with log_context(job_id=job_id):
+        _training_run(job_id, listener)
 
+
+def _training_run(job_id: int, listener: Callable[[Progress], None] | None) -> None:
     if not _claim(job_id):
-        state = TrainingJob.objects.filter(pk=job_id).values_list("state", flat=True).first()
-        logger.warning("Job %s not claimed (state %s); another worker has it or it is final", job_id, state)
+        _log_unclaimed(job_id)
         return
+
+    # Imported after the claim, so a repeated delivery exits without loading torch.
+    from .trainer import TrainingCancelled, train_lora
 
     job = TrainingJob.objects.select_related("task", "version", "warm_start_from").get(pk=job_id)
     task, version = job.task, job.version
+    bind_log_context(task=task.slug, version=version.label)
     _append_log(job_id, "started", host=socket.gethostname())
     reporter = _JobReporter(job_id, listener)
     output_dir = Path(settings.LORAWEB_ADAPTER_ROOT) / task.slug / f"v{version.number}-{uuid.uuid4().hex[:8]}"
+    heartbeat = JobHeartbeat(job_id)
+    heartbeat.start()
 
     try:
         from adapters_app.base_model import current_base_choice
@@ -287,8 +320,11 @@ def training_run(job_id: int, *, listener: Callable[[Progress], None] | None = N
         _finish(job_id, TrainingJob.State.FAILED, AdapterVersion.Status.FAILED, f"{type(error).__name__}: {error}")
         _append_log(job_id, "failed", error=f"{type(error).__name__}: {error}")
         return
+    finally:
+        heartbeat.stop()
 
-    _record_result(job, result, output_dir)
+    if not _record_result(job, result, output_dir):
+        return
     names = dict(job.task.datasets.values_list("pk", "original_name"))
     losses = ", ".join(
         f"{names.get(int(key.removeprefix('dataset-')), key)} {loss:.4f}" for key, loss in sorted(result.eval_loss.items())
@@ -296,11 +332,28 @@ def training_run(job_id: int, *, listener: Callable[[Progress], None] | None = N
     _append_log(job_id, "finished", seconds=f"{result.wall_seconds:.1f}", losses=losses)
 
 
+def _log_unclaimed(job_id: int) -> None:
+    """Say why a delivered job was not run: the same message can arrive twice (late acknowledgement)."""
+    job = TrainingJob.objects.filter(pk=job_id).values("state", "worker_host", "cancel_requested").first()
+    if job is None:
+        logger.warning("Job %s not run: it no longer exists", job_id)
+    elif job["state"] == TrainingJob.State.RUNNING:
+        logger.warning("Job %s not run again: it is already running on %s (repeated delivery)", job_id, job["worker_host"])
+    elif job["state"] == TrainingJob.State.QUEUED:
+        logger.warning("Job %s not run: cancellation was requested before it started", job_id)
+    else:
+        logger.warning("Job %s not run again: it already ended %s (repeated delivery)", job_id, job["state"])
+
+
 def _finish(job_id: int, state: str, version_status: str, error: str) -> None:
+    # Only a running job: when the sweeper already failed it, its reason stays.
     with transaction.atomic():
         job = TrainingJob.objects.select_for_update().get(pk=job_id)
-        TrainingJob.objects.filter(pk=job_id).update(state=state, error=error, finished_at=timezone.now())
-        AdapterVersion.objects.filter(pk=job.version_id).update(status=version_status)
+        finished = TrainingJob.objects.filter(pk=job_id, state=TrainingJob.State.RUNNING).update(
+            state=state, error=error, finished_at=timezone.now()
+        )
+        if finished:
+            AdapterVersion.objects.filter(pk=job.version_id).update(status=version_status)
 
 
 def _dataset_records(task: Task, job: TrainingJob) -> list[dict]:
@@ -320,8 +373,12 @@ def _dataset_records(task: Task, job: TrainingJob) -> list[dict]:
     return records
 
 
-def _record_result(job: TrainingJob, result: TrainingResult, output_dir: Path) -> None:
-    """Store the finished version's files and metrics, then apply the promotion rule."""
+def _record_result(job: TrainingJob, result: TrainingResult, output_dir: Path) -> bool:
+    """Store the finished version's files and metrics, then apply the promotion rule.
+
+    Returns False, and removes the files, when the job is no longer running: the sweeper
+    failed it because its heartbeat stopped for too long.
+    """
     version = job.version
     metrics = result.to_dict()
     for key in ("output_dir", "base_weight_hash"):
@@ -331,6 +388,13 @@ def _record_result(job: TrainingJob, result: TrainingResult, output_dir: Path) -
     metrics["record"] = {key: value for key, value in record.items() if key not in ("train_loss", "eval_loss")}
 
     with transaction.atomic():
+        succeeded = TrainingJob.objects.filter(pk=job.pk, state=TrainingJob.State.RUNNING).update(
+            state=TrainingJob.State.SUCCEEDED, progress=1.0, finished_at=timezone.now()
+        )
+        if not succeeded:
+            logger.warning("Job %s trained but is no longer running; its files are removed", job.pk)
+            shutil.rmtree(output_dir, ignore_errors=True)
+            return False
         AdapterVersion.objects.filter(pk=version.pk).update(
             status=AdapterVersion.Status.READY,
             storage_path=str(output_dir.relative_to(settings.LORAWEB_ADAPTER_ROOT)),
@@ -340,13 +404,11 @@ def _record_result(job: TrainingJob, result: TrainingResult, output_dir: Path) -
             metrics=metrics,
             ready_at=timezone.now(),
         )
-        TrainingJob.objects.filter(pk=job.pk).update(
-            state=TrainingJob.State.SUCCEEDED, progress=1.0, finished_at=timezone.now()
-        )
 
     version.refresh_from_db()
     _score_golden(version)
     promote_version(job, version, result)
+    return True
 
 
 def _score_golden(version: AdapterVersion) -> None:
@@ -367,20 +429,77 @@ def _score_golden(version: AdapterVersion) -> None:
 
 
 def sweep_stale_jobs() -> int:
-    """Fail running jobs whose worker stopped sending heartbeats (killed, out of memory)."""
-    cutoff = timezone.now() - timezone.timedelta(seconds=settings.LORAWEB_JOB_HEARTBEAT_TIMEOUT)
+    """Fail running jobs whose worker stopped (killed, out of memory) and resend lost queued jobs.
+
+    Returns how many jobs it failed or sent again.
+    """
+    return _fail_stale_jobs() + _resend_lost_jobs()
+
+
+def _fail_stale_jobs() -> int:
+    timeout = settings.LORAWEB_JOB_HEARTBEAT_TIMEOUT
+    cutoff = timezone.now() - timezone.timedelta(seconds=timeout)
     stale = list(
         TrainingJob.objects.filter(state=TrainingJob.State.RUNNING, heartbeat_at__lt=cutoff).values_list("pk", flat=True)
     )
+    failed = 0
     for job_id in stale:
-        message = _("The worker stopped reporting for more than %(seconds)s seconds; the job was marked failed.") % {
-            "seconds": settings.LORAWEB_JOB_HEARTBEAT_TIMEOUT
-        }
+        message = render_message(JOB_LOG_MESSAGES, "worker_lost", {"seconds": timeout})
         updated = TrainingJob.objects.filter(pk=job_id, state=TrainingJob.State.RUNNING, heartbeat_at__lt=cutoff).update(
             state=TrainingJob.State.FAILED, error=message, finished_at=timezone.now()
         )
-        if updated:
-            job = TrainingJob.objects.get(pk=job_id)
-            AdapterVersion.objects.filter(pk=job.version_id).update(status=AdapterVersion.Status.FAILED)
-            logger.warning("Job %s marked failed: no heartbeat since %s", job_id, job.heartbeat_at)
-    return len(stale)
+        if not updated:
+            continue
+        failed += 1
+        job = TrainingJob.objects.select_related("task", "version").get(pk=job_id)
+        AdapterVersion.objects.filter(pk=job.version_id).update(status=AdapterVersion.Status.FAILED)
+        _remove_unfinished_files(job.task.slug, job.version.number)
+        _append_log(job_id, "worker_lost", seconds=timeout)
+        logger.warning("Job %s marked failed: no heartbeat since %s", job_id, job.heartbeat_at)
+    return failed
+
+
+def _remove_unfinished_files(task_slug: str, number: int) -> None:
+    """Remove what a dead worker left of a version: its folder and the hidden partial one."""
+    folder = Path(settings.LORAWEB_ADAPTER_ROOT) / task_slug
+    for path in [*folder.glob(f"v{number}-*"), *folder.glob(f".v{number}-*")]:
+        logger.info("Removing %s, left by the failed training of v%s", path, number)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _resend_lost_jobs() -> int:
+    """Send again the jobs queued for a while whose message is no longer in the broker.
+
+    A Redis that keeps nothing on disk forgets its queue when it restarts. A message sent
+    twice is harmless, because only one delivery can claim the job.
+    """
+    if settings.CELERY_TASK_ALWAYS_EAGER:
+        return 0
+    cutoff = timezone.now() - timezone.timedelta(seconds=settings.LORAWEB_JOB_REQUEUE_AFTER)
+    waiting = list(
+        TrainingJob.objects.filter(state=TrainingJob.State.QUEUED, cancel_requested=False, created_at__lt=cutoff)
+        .order_by("pk")
+        .values_list("pk", "celery_task_id")
+    )
+    if not waiting:
+        return 0
+    held = broker_task_ids(settings.CELERY_TASK_DEFAULT_QUEUE)
+    if held is None:
+        logger.info("The broker cannot be looked into; %d queued job(s) not checked", len(waiting))
+        return 0
+
+    resent = 0
+    for job_id, task_id in waiting:
+        if task_id and task_id in held:
+            continue
+        new_id = str(uuid.uuid4())
+        # Compare and set, so that of two sweepers only one sends the job again.
+        if not TrainingJob.objects.filter(pk=job_id, state=TrainingJob.State.QUEUED, celery_task_id=task_id).update(
+            celery_task_id=new_id
+        ):
+            continue
+        logger.warning("Job %s is queued but the broker lost its message %s; sending it again", job_id, task_id or "-")
+        if _publish(job_id, new_id):
+            _append_log(job_id, "requeued")
+            resent += 1
+    return resent

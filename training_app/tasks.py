@@ -6,6 +6,8 @@ import logging
 
 from celery import shared_task
 
+from loraweb.logs import log_context
+
 from . import services
 
 logger = logging.getLogger(__name__)
@@ -15,7 +17,8 @@ logger = logging.getLogger(__name__)
 # failure into a readable job state instead.
 @shared_task(name="training_app.tasks.train_adapter", acks_late=True)
 def train_adapter(job_id: int) -> None:
-    services.training_run(job_id)
+    with log_context(job_id=job_id):
+        services.training_run(job_id)
 
 
 @shared_task(name="training_app.tasks.sweep_stale_jobs")

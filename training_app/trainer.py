@@ -280,6 +280,9 @@ def _train_loop(
             # Each micro-batch contributes 1/accumulation of the step's gradient.
             (loss / accumulation).backward()
             pending.append(float(loss.item()))
+            # The logits are the largest tensor of a step; holding them into the next forward
+            # pass would keep two steps' worth alive at once.
+            del logits, loss_sum, loss
             last_in_epoch = position == len(batches) - 1
             if len(pending) < accumulation and not last_in_epoch:
                 continue

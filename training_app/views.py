@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.formats import date_format
@@ -11,7 +10,9 @@ from django.utils.timezone import localtime
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_http_methods, require_POST
 
+from adapters_app.access import role_required
 from adapters_app.models import Task
+from adapters_app.roles import Role
 from adapters_app.services import ServiceError
 
 from . import services
@@ -22,7 +23,7 @@ from .models import Dataset, TrainingJob
 from .uploads import upload_over_limit
 
 
-@login_required
+@role_required(Role.TRAINER)
 @require_POST
 def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
     task = get_object_or_404(Task, slug=slug)
@@ -97,7 +98,7 @@ def _announce_upload(request: HttpRequest, outcome: services.UploadOutcome) -> N
     )
 
 
-@login_required
+@role_required(Role.VIEWER)
 def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
     dataset = get_object_or_404(Dataset.objects.select_related("task"), pk=pk)
     context = {
@@ -112,7 +113,7 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "training_app/dataset_detail.html", context)
 
 
-@login_required
+@role_required(Role.MAINTAINER)
 @require_http_methods(["GET", "POST"])
 def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
     """Ask for confirmation (GET), then delete the dataset and its files (POST)."""
@@ -131,7 +132,7 @@ def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "training_app/dataset_confirm_delete.html", context)
 
 
-@login_required
+@role_required(Role.TRAINER)
 def training_new(request: HttpRequest, slug: str) -> HttpResponse:
     task = get_object_or_404(Task.objects.select_related("active_version"), slug=slug)
     form = TrainForm(request.POST or None, task=task)
@@ -154,7 +155,7 @@ def training_new(request: HttpRequest, slug: str) -> HttpResponse:
     return render(request, "training_app/train.html", {"task": task, "form": form})
 
 
-@login_required
+@role_required(Role.VIEWER)
 def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     job = get_object_or_404(TrainingJob.objects.select_related("task", "version", "warm_start_from"), pk=pk)
     hyperparameters = {
@@ -166,7 +167,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "training_app/job_detail.html", context)
 
 
-@login_required
+@role_required(Role.VIEWER)
 def job_status(request: HttpRequest, pk: int) -> JsonResponse:
     """State and progress for the job page's self-refresh."""
     job = get_object_or_404(TrainingJob.objects.select_related("version"), pk=pk)
@@ -189,7 +190,7 @@ def job_status(request: HttpRequest, pk: int) -> JsonResponse:
     )
 
 
-@login_required
+@role_required(Role.TRAINER)
 @require_POST
 def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
     job = get_object_or_404(TrainingJob, pk=pk)

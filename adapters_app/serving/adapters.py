@@ -59,7 +59,25 @@ HASH_CHUNK_BYTES = 1 << 20
 
 
 class AdapterError(ValueError):
-    """An adapter folder is missing, malformed or does not fit the base model."""
+    """An adapter folder is missing, malformed or does not fit the base model.
+
+    `key` is the version key the adapter was being read for, when one was given.
+    """
+
+    key: str | None = None
+
+
+class AdapterFileError(AdapterError):
+    """The adapter's files are missing, unreadable or differ from the registered sha256.
+
+    A registered adapter that raises this was damaged after it was saved (a disk fault, a
+    truncated copy, an edit by hand); the caller decides what to record about it.
+    """
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        # True when the folder or a file is absent, as opposed to present but damaged.
+        self.missing = missing
 
 
 @dataclass(frozen=True)
@@ -148,22 +166,31 @@ def read_adapter(
 
     `key` is the immutable version key the adapter is cached and reported under. When
     `expected_sha256` is given, the safetensors file must have exactly that hash.
-    Raises AdapterError, naming the file, key or shape at fault.
+    Raises AdapterError, naming the file, key or shape at fault, with `key` set; missing,
+    unreadable or changed files raise its subclass AdapterFileError.
     """
+    try:
+        return _read_adapter(folder, base, key=key, expected_sha256=expected_sha256)
+    except AdapterError as error:
+        error.key = key
+        raise
+
+
+def _read_adapter(folder: Path, base: BaseModel, *, key: str, expected_sha256: str | None) -> LoadedAdapter:
     started = time.perf_counter()
     folder = Path(folder)
 
     if not folder.is_dir():
-        raise AdapterError(f"Adapter folder not found: {folder}")
+        raise AdapterFileError(f"Adapter folder not found: {folder}", missing=True)
     config_path = folder / ADAPTER_CONFIG_NAME
     weights_path = folder / ADAPTER_WEIGHTS_NAME
     config = read_lora_config(config_path)
     if not weights_path.is_file():
-        raise AdapterError(f"Adapter weights file not found: {weights_path}")
+        raise AdapterFileError(f"Adapter weights file not found: {weights_path}", missing=True)
 
     sha256 = file_sha256(weights_path)
     if expected_sha256 is not None and sha256 != expected_sha256.strip().lower():
-        raise AdapterError(
+        raise AdapterFileError(
             f"Adapter weights {weights_path} have sha256 {sha256}, expected {expected_sha256}. "
             "The file changed after it was registered, so upload or train the adapter again"
         )
@@ -213,13 +240,13 @@ def read_adapter(
 def read_lora_config(config_path: Path) -> dict[str, Any]:
     """Parse `adapter_config.json` and raise AdapterError unless it is a plain LoRA we can serve."""
     if not config_path.is_file():
-        raise AdapterError(f"Adapter config not found: {config_path}")
+        raise AdapterFileError(f"Adapter config not found: {config_path}", missing=True)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
-        raise AdapterError(f"Could not read adapter config {config_path}: {error}") from error
+        raise AdapterFileError(f"Could not read adapter config {config_path}: {error}") from error
     except json.JSONDecodeError as error:
-        raise AdapterError(f"Adapter config {config_path} is not valid JSON: {error}") from error
+        raise AdapterFileError(f"Adapter config {config_path} is not valid JSON: {error}") from error
     if not isinstance(config, dict):
         raise AdapterError(f"Adapter config {config_path} must be a JSON object")
 
@@ -347,7 +374,7 @@ def load_safetensors(weights_path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as error:
-        raise AdapterError(f"Could not read adapter weights {weights_path}: {error}") from error
+        raise AdapterFileError(f"Could not read adapter weights {weights_path}: {error}") from error
 
 
 def group_lora_factors(

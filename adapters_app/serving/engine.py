@@ -177,6 +177,8 @@ class PreloadReport:
     loaded: tuple[str, ...]
     skipped: tuple[str, ...]  # left out because the cache was full
     failed: dict[str, str]  # key -> error message
+    # key -> the exception itself, so the caller can tell damaged files (AdapterFileError) apart.
+    errors: dict[str, Exception] = field(default_factory=dict)
 
 
 class Engine:
@@ -308,6 +310,7 @@ class Engine:
         loaded: list[str] = []
         skipped: list[str] = []
         failed: dict[str, str] = {}
+        errors: dict[str, Exception] = {}
         for item in ordered:
             stats = self.cache.stats()
             if item.key not in self.cache and not item.pinned:
@@ -323,11 +326,12 @@ class Engine:
                 if item.pinned:
                     self.cache.unpin(item.key)
                 failed[item.key] = str(error)
+                errors[item.key] = error
                 continue
             loaded.append(item.key)
         if skipped:
             logger.info("Adapter cache full after preloading %d adapters, skipped %d", len(loaded), len(skipped))
-        return PreloadReport(loaded=tuple(loaded), skipped=tuple(skipped), failed=failed)
+        return PreloadReport(loaded=tuple(loaded), skipped=tuple(skipped), failed=failed, errors=errors)
 
     def encode(self, prompt: str) -> list[int]:
         if not prompt:

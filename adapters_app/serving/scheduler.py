@@ -15,9 +15,9 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +50,12 @@ class SchedulerStats:
     prefills: int
     decode_steps: int
     max_running: int
+    # Tokens sampled by prefills and decode steps, end-of-text tokens and tokens of rows that
+    # were later cancelled or timed out included.
+    generated_tokens: int = 0
+    # Rows per forward pass -> number of such passes, one table per phase.
+    prefill_batch_sizes: dict[int, int] = field(default_factory=dict)
+    decode_batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -95,6 +101,10 @@ class Scheduler:
         self._prefills = 0
         self._decode_steps = 0
         self._max_running = 0
+        self._generated_tokens = 0
+        # Keys are at most max_batch_size, so these tables stay small.
+        self._prefill_batch_sizes: Counter[int] = Counter()
+        self._decode_batch_sizes: Counter[int] = Counter()
         # Moving average of request durations, the basis of the Retry-After estimate.
         self._average_seconds = 1.0
 
@@ -171,6 +181,9 @@ class Scheduler:
                 prefills=self._prefills,
                 decode_steps=self._decode_steps,
                 max_running=self._max_running,
+                generated_tokens=self._generated_tokens,
+                prefill_batch_sizes=dict(self._prefill_batch_sizes),
+                decode_batch_sizes=dict(self._decode_batch_sizes),
                 **self._counts,
             )
 
@@ -201,13 +214,16 @@ class Scheduler:
                         self._admit(admitted)
                     self._stop_cancelled_and_late_rows()
                     if self._batch.rows:
+                        rows = len(self._batch.rows)
                         self._batch.step()
+                        self._record_forward(self._decode_batch_sizes, rows)
                         self._decode_steps += 1
                     self._complete(self._batch.drop_finished())
             except Exception as error:
                 # A failing forward pass (out of memory, a bug) fails the requests in the batch,
                 # not the scheduler: later requests start on a fresh batch.
-                logger.exception("Generation failed for %d requests", len(self._running))
+                keys = sorted({str(handle.prepared.adapter_key) for handle in self._running.values()})
+                logger.exception("Generation failed for %d requests (adapters %s)", len(self._running), ", ".join(keys) or "none")
                 self._fail_running(error)
 
     def _next_admissions(self) -> list[GenerationHandle] | None:
@@ -251,11 +267,18 @@ class Scheduler:
             self._running[id(handle.prepared)] = handle
         joining = RunningBatch(self.engine)
         joining.prefill([handle.prepared for handle in ready])
+        self._record_forward(self._prefill_batch_sizes, len(ready))
         self._prefills += 1
         self._complete(joining.drop_finished())
         self._batch.absorb(joining)
         self._max_running = max(self._max_running, len(self._batch.rows))
         logger.debug("Admitted %d requests, %d rows now decode together", len(ready), len(self._batch.rows))
+
+    def _record_forward(self, sizes: Counter[int], rows: int) -> None:
+        # Each forward pass samples one token for every row it ran.
+        with self._condition:
+            sizes[rows] += 1
+            self._generated_tokens += rows
 
     def _stop_cancelled_and_late_rows(self) -> None:
         now = time.perf_counter()

@@ -54,6 +54,11 @@
 
   function showDone(column, event) {
     column.pre.textContent = event.text;
+    if (!event.text) {
+      var note = element("span", texts.empty);
+      note.className = "muted";
+      column.pre.appendChild(note);
+    }
     var cache = "—";
     if (column.answer.version) {
       cache = event.cache_hit ? texts.hit : texts.miss.replace("%(ms)s", event.adapter_load_ms);

@@ -5,15 +5,16 @@ from django.test import Client
 
 
 @pytest.fixture
-def user(django_user_model):
-    return django_user_model.objects.create_user("trainer", password="pw-for-tests-only")
+def user(maintainer_user):
+    """The user of tests that exercise a feature rather than access: a maintainer may do everything."""
+    return maintainer_user
 
 
 @pytest.fixture
 def token(user) -> str:
     from adapters_app.services import api_token_create
 
-    return api_token_create(user, name="tests")[1]
+    return api_token_create(user, name="tests", user=user)[1]
 
 
 @pytest.fixture
@@ -23,9 +24,10 @@ def api_client(token) -> Client:
 
 @pytest.fixture
 def task(tiny_base_dir):
+    from adapters_app.roles import SYSTEM
     from adapters_app.services import task_create
 
-    return task_create(slug="poetry", name="Poetry")
+    return task_create(slug="poetry", name="Poetry", user=SYSTEM)
 
 
 @pytest.fixture

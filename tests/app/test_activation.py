@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adapters_app.models import ActivationEvent, AdapterVersion
+from adapters_app.roles import SYSTEM
 from adapters_app.services import ServiceError, task_rollback, version_activate, version_allocate
 
 pytestmark = pytest.mark.django_db
@@ -20,7 +21,7 @@ def ready_version(task) -> AdapterVersion:
 def test_version_numbers_increase_per_task(task):
     from adapters_app.services import task_create
 
-    other = task_create(slug="other", name="Other")
+    other = task_create(slug="other", name="Other", user=SYSTEM)
     numbers = [version_allocate(task, parent=None, hyperparameters={}).number for _ in range(3)]
     assert numbers == [1, 2, 3]
     assert version_allocate(other, parent=None, hyperparameters={}).number == 1

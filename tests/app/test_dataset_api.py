@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
+from adapters_app.roles import SYSTEM
 from tests.ingest_cases import jsonl
 from training_app import services
 from training_app.models import Dataset
@@ -139,7 +140,7 @@ def test_read_and_delete_dataset(api_client, task, settings, django_capture_on_c
 def test_delete_used_dataset_is_409(api_client, task, settings, monkeypatch) -> None:
     dataset_id = api_client.post(UPLOAD_URL, {"file": SimpleUploadedFile("d.jsonl", pair_content(12))}).json()["id"]
     monkeypatch.setattr(services, "_enqueue", lambda job_id: None)
-    job = services.training_start(task, dataset_ids=[dataset_id])
+    job = services.training_start(task, dataset_ids=[dataset_id], user=SYSTEM)
 
     response = api_client.delete(f"/api/v1/datasets/{dataset_id}")
 

@@ -10,6 +10,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
+from adapters_app.roles import SYSTEM
 from tests.ingest_cases import jsonl
 from training_app import services
 from training_app.models import Dataset
@@ -177,10 +178,10 @@ def test_thirty_megabyte_upload_accepted(browser, settings) -> None:
 
 
 def test_task_page_lists_versions_and_delete(browser, task, monkeypatch) -> None:
-    used = services.dataset_upload(task, _file(pair_content(20)), original_name="used.jsonl").dataset
-    unused = services.dataset_upload(task, _file(pair_content(30)), original_name="unused.jsonl").dataset
+    used = services.dataset_upload(task, _file(pair_content(20)), original_name="used.jsonl", user=SYSTEM).dataset
+    unused = services.dataset_upload(task, _file(pair_content(30)), original_name="unused.jsonl", user=SYSTEM).dataset
     monkeypatch.setattr(services, "_enqueue", lambda job_id: None)
-    job = services.training_start(task, dataset_ids=[used.pk])
+    job = services.training_start(task, dataset_ids=[used.pk], user=SYSTEM)
 
     page = browser.get(reverse("adapters_app:task_detail", args=["poetry"])).content.decode()
 
@@ -192,7 +193,7 @@ def test_task_page_lists_versions_and_delete(browser, task, monkeypatch) -> None
 
 
 def test_delete_after_confirmation(browser, task, settings, django_capture_on_commit_callbacks) -> None:
-    dataset = services.dataset_upload(task, _file(pair_content(20)), original_name="numbers.jsonl").dataset
+    dataset = services.dataset_upload(task, _file(pair_content(20)), original_name="numbers.jsonl", user=SYSTEM).dataset
     url = reverse("training_app:dataset_delete", args=[dataset.pk])
 
     confirm = browser.get(url)
@@ -208,9 +209,9 @@ def test_delete_after_confirmation(browser, task, settings, django_capture_on_co
 
 
 def test_delete_used_dataset_refused_page(browser, task, settings, monkeypatch) -> None:
-    dataset = services.dataset_upload(task, _file(pair_content(20)), original_name="numbers.jsonl").dataset
+    dataset = services.dataset_upload(task, _file(pair_content(20)), original_name="numbers.jsonl", user=SYSTEM).dataset
     monkeypatch.setattr(services, "_enqueue", lambda job_id: None)
-    job = services.training_start(task, dataset_ids=[dataset.pk])
+    job = services.training_start(task, dataset_ids=[dataset.pk], user=SYSTEM)
     url = reverse("training_app:dataset_delete", args=[dataset.pk])
 
     confirm = browser.get(url).content.decode()

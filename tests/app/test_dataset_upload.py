@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters_app.roles import SYSTEM
 from adapters_app.services import ServiceError
 from tests.ingest_cases import INVALID_CASES, Case, jsonl
 from tests.unit.test_ingest import REAL_DATASETS
@@ -25,7 +26,11 @@ def stored_files(settings) -> list[Path]:
 
 def upload_bytes(task, content: bytes, name: str = "data.jsonl", **options) -> services.UploadOutcome:
     return services.dataset_upload(
-        task, io.BytesIO(content), original_name=name, options=IngestOptions(**options) if options else None
+        task,
+        io.BytesIO(content),
+        original_name=name,
+        options=IngestOptions(**options) if options else None,
+        user=SYSTEM,
     )
 
 
@@ -57,7 +62,7 @@ def test_real_dataset_upload_counts(task, shared_datasets: Path, name: str) -> N
     path = shared_datasets / name
 
     with path.open("rb") as handle:
-        dataset = services.dataset_upload(task, handle, original_name=name).dataset
+        dataset = services.dataset_upload(task, handle, original_name=name, user=SYSTEM).dataset
 
     assert dataset.format == expected_format
     assert dataset.num_examples == expected_count
@@ -77,7 +82,7 @@ def test_real_dataset_upload_counts(task, shared_datasets: Path, name: str) -> N
 def test_real_speech_lengths_include_eos(task, shared_datasets: Path) -> None:
     # The speech with the most tokens has 858 GPT-2 tokens, and training appends EOS.
     with (shared_datasets / "tinyshakespeare.txt").open("rb") as handle:
-        dataset = services.dataset_upload(task, handle, original_name="tinyshakespeare.txt").dataset
+        dataset = services.dataset_upload(task, handle, original_name="tinyshakespeare.txt", user=SYSTEM).dataset
 
     assert dataset.token_max == 859
 
@@ -115,7 +120,7 @@ def test_same_file_returns_existing_dataset(task, settings) -> None:
 def test_same_file_other_task_is_new(task, settings) -> None:
     from adapters_app.services import task_create
 
-    other = task_create(slug="prose", name="Prose")
+    other = task_create(slug="prose", name="Prose", user=SYSTEM)
     content = pair_content(20)
     upload_bytes(task, content)
 
@@ -225,7 +230,7 @@ def test_delete_unused_dataset_removes_files(task, settings, django_capture_on_c
     dataset = upload_bytes(task, pair_content(20)).dataset
 
     with django_capture_on_commit_callbacks(execute=True):
-        services.dataset_delete(dataset)
+        services.dataset_delete(dataset, user=SYSTEM)
 
     assert Dataset.objects.count() == 0
     assert stored_files(settings) == []
@@ -234,10 +239,10 @@ def test_delete_unused_dataset_removes_files(task, settings, django_capture_on_c
 def test_delete_used_dataset_refused(task, settings, monkeypatch) -> None:
     dataset = upload_bytes(task, pair_content(20)).dataset
     monkeypatch.setattr(services, "_enqueue", lambda job_id: None)
-    job = services.training_start(task, dataset_ids=[dataset.pk])
+    job = services.training_start(task, dataset_ids=[dataset.pk], user=SYSTEM)
 
     with pytest.raises(ServiceError) as raised:
-        services.dataset_delete(dataset)
+        services.dataset_delete(dataset, user=SYSTEM)
 
     assert raised.value.status_code == 409
     assert raised.value.code == "dataset_in_use"

@@ -6,6 +6,7 @@ import pytest
 from django.utils import timezone
 
 from adapters_app.models import AdapterVersion
+from adapters_app.roles import SYSTEM
 from training_app import services
 from training_app.models import TrainingJob
 
@@ -15,14 +16,14 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def dataset(task, jsonl_file, good_rows):
     with jsonl_file(good_rows).open("rb") as handle:
-        return services.dataset_upload(task, handle, original_name="data.jsonl").dataset
+        return services.dataset_upload(task, handle, original_name="data.jsonl", user=SYSTEM).dataset
 
 
 @pytest.fixture
 def queued_job(task, dataset, monkeypatch):
     # Keep the job queued: no broker message is sent in these tests.
     monkeypatch.setattr(services, "_enqueue", lambda job_id: None)
-    return services.training_start(task, dataset_ids=[dataset.pk])
+    return services.training_start(task, dataset_ids=[dataset.pk], user=SYSTEM)
 
 
 def test_training_start_allocates_version_and_job(queued_job):
@@ -34,14 +35,14 @@ def test_training_start_allocates_version_and_job(queued_job):
 
 
 def test_cancel_queued_job_is_immediate(queued_job):
-    job = services.job_cancel(queued_job)
+    job = services.job_cancel(queued_job, user=SYSTEM)
     assert job.state == TrainingJob.State.CANCELLED
     job.version.refresh_from_db()
     assert job.version.status == AdapterVersion.Status.CANCELLED
 
 
 def test_cancelled_job_is_not_claimed(queued_job):
-    services.job_cancel(queued_job)
+    services.job_cancel(queued_job, user=SYSTEM)
     services.training_run(queued_job.pk)
     queued_job.refresh_from_db()
     assert queued_job.state == TrainingJob.State.CANCELLED

@@ -13,6 +13,7 @@ import pytest
 from django.urls import reverse
 
 from adapters_app.models import AdapterVersion
+from adapters_app.roles import SYSTEM
 from tests.unit.test_serving_adapters import save_lora_adapter
 
 pytestmark = pytest.mark.django_db
@@ -116,13 +117,13 @@ def test_rollback_during_streaming(api_client, task, settings, adapter_sources):
 
     first = ready_version(task, adapter_sources[0], settings)
     second = ready_version(task, adapter_sources[1], settings)
-    version_activate(second, reason="newer")
+    version_activate(second, reason="newer", user=SYSTEM)
     streamed_body = {"model": "poetry", "prompt": "Tell a long story", "max_tokens": 200, "temperature": 0, "stream": True}
 
     # The stream is admitted on v2 and keeps generating on the scheduler thread while the
     # rollback commits and a new request is admitted.
     streaming = api_client.post("/v1/completions", streamed_body, content_type="application/json")
-    task_rollback(first, reason="v2 misbehaves")
+    task_rollback(first, reason="v2 misbehaves", user=SYSTEM)
     after = api_client.post(
         "/v1/completions", {"model": "poetry", "prompt": "Hello", "max_tokens": 3}, content_type="application/json"
     )
@@ -145,12 +146,12 @@ def test_threads_for_many_tasks_complete(api_client, token, settings, adapter_so
 
     slugs = []
     for index in range(4):
-        task = task_create(slug=f"task-{index}", name=f"Task {index}")
+        task = task_create(slug=f"task-{index}", name=f"Task {index}", user=SYSTEM)
         if index % 2 == 0:
             ready_version(task, adapter_sources[index // 2 % 2], settings)
             from adapters_app.services import version_activate
 
-            version_activate(task.versions.get(number=1), reason="first")
+            version_activate(task.versions.get(number=1), reason="first", user=SYSTEM)
         slugs.append(task.slug)
     results: dict[int, dict] = {}
 
@@ -177,11 +178,11 @@ def test_preload_loads_and_pins_active_versions(task, settings, adapter_sources,
     from adapters_app.inference import get_engine, reset_engine, version_key
     from adapters_app.services import task_create, version_activate
 
-    other = task_create(slug="other", name="Other")
+    other = task_create(slug="other", name="Other", user=SYSTEM)
     pinned_version = ready_version(task, adapter_sources[0], settings)
     other_version = ready_version(other, adapter_sources[1], settings)
-    version_activate(pinned_version, reason="first")
-    version_activate(other_version, reason="first")
+    version_activate(pinned_version, reason="first", user=SYSTEM)
+    version_activate(other_version, reason="first", user=SYSTEM)
     settings.LORAWEB_PINNED_TASKS = ["poetry"]
     reset_engine()
 
@@ -200,10 +201,10 @@ def test_pinned_task_follows_activation(api_client, task, settings, adapter_sour
     settings.LORAWEB_PINNED_TASKS = ["poetry"]
     first = ready_version(task, adapter_sources[0], settings)
     second = ready_version(task, adapter_sources[1], settings)
-    version_activate(first, reason="first")
+    version_activate(first, reason="first", user=SYSTEM)
     body = {"model": "poetry", "prompt": "Hi", "max_tokens": 2}
     api_client.post("/v1/completions", body, content_type="application/json")
-    version_activate(second, reason="second")
+    version_activate(second, reason="second", user=SYSTEM)
 
     api_client.post("/v1/completions", body, content_type="application/json")
 
@@ -237,9 +238,11 @@ def test_corrupt_adapter_is_an_error_not_the_base(api_client, task, settings, ad
         "/v1/completions", {"model": "poetry@v1", "prompt": "Hi", "max_tokens": 2}, content_type="application/json"
     )
 
-    assert response.status_code == 500
-    assert response.json()["error"]["code"] == "adapter_invalid"
-    assert "sha256" in response.json()["error"]["message"]
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "version_broken"
+    version.refresh_from_db()
+    assert version.is_broken
+    assert "sha256" in version.broken_reason
 
 
 def test_playground_form_compares_versions(client, user, task, settings, adapter_sources):

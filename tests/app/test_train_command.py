@@ -7,6 +7,7 @@ import io
 import pytest
 from django.core.management import CommandError, call_command
 
+from adapters_app.roles import SYSTEM
 from training_app import services
 from training_app.models import TrainingJob
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture
 def dataset(task, jsonl_file, good_rows):
     with jsonl_file(good_rows).open("rb") as handle:
-        return services.dataset_upload(task, handle, original_name="data.jsonl").dataset
+        return services.dataset_upload(task, handle, original_name="data.jsonl", user=SYSTEM).dataset
 
 
 def test_train_command_records_version(task, dataset, capsys):

@@ -54,9 +54,10 @@ def _worker_environment(database: dict) -> dict[str, str]:
 class Worker:
     """A `celery worker` subprocess consuming the test queue."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, extra_args: tuple[str, ...] = ()):
         self.env = env
         self.log_path = log_path
+        self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -66,6 +67,7 @@ class Worker:
             "--loglevel=INFO", "--concurrency=1", "--pool=prefork",
             f"--queues={self.env['LORAWEB_CELERY_QUEUE']}",
             f"--hostname=test-{os.getpid()}@%h",
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(
             command, cwd=REPO_ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
@@ -116,8 +118,9 @@ def celery_worker_process(django_db_setup, django_db_blocker, tiny_base_dir, tmp
 
 
 @pytest.fixture
-def user(django_user_model):
-    return django_user_model.objects.create_user("trainer", password="pw-for-tests-only")
+def user(maintainer_user):
+    """The user of tests that exercise a feature rather than access: a maintainer may do everything."""
+    return maintainer_user
 
 
 @pytest.fixture
@@ -132,5 +135,5 @@ def api_client(user):
 
     from adapters_app.services import api_token_create
 
-    _token, secret = api_token_create(user, name="tests")
+    _token, secret = api_token_create(user, name="tests", user=user)
     return Client(HTTP_AUTHORIZATION=f"Bearer {secret}")

@@ -69,14 +69,15 @@ def asgi_server(tiny_base_dir, tmp_path):
 def token(user) -> str:
     from adapters_app.services import api_token_create
 
-    return api_token_create(user, name="asgi")[1]
+    return api_token_create(user, name="asgi", user=user)[1]
 
 
 @pytest.fixture
 def task(tiny_base_dir):
+    from adapters_app.roles import SYSTEM
     from adapters_app.services import task_create
 
-    return task_create(slug="poetry", name="Poetry")
+    return task_create(slug="poetry", name="Poetry", user=SYSTEM)
 
 
 def test_openai_package_through_uvicorn(asgi_server, token, task):

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from adapters_app.models import AdapterVersion
+from adapters_app.roles import SYSTEM
 from adapters_app.services import task_create
 from training_app import services
 from training_app.models import TrainingJob
@@ -18,7 +19,7 @@ HYPERPARAMETERS = {"rank": 4, "alpha": 8, "learning_rate": 3e-3, "epochs": 1, "m
 
 
 def train_and_wait(task, dataset_ids: list[int], warm_start: bool) -> TrainingJob:
-    job = services.training_start(task, dataset_ids=dataset_ids, warm_start=warm_start, hyperparameters=HYPERPARAMETERS)
+    job = services.training_start(task, dataset_ids=dataset_ids, warm_start=warm_start, hyperparameters=HYPERPARAMETERS, user=SYSTEM)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         job.refresh_from_db()
@@ -33,9 +34,9 @@ def train_and_wait(task, dataset_ids: list[int], warm_start: bool) -> TrainingJo
     [("poems_A1.jsonl", "poems_A2.jsonl"), ("translate_B1.csv", None), ("tang_poems.jsonl", None)],
 )
 def test_train_on_real_files(celery_worker_process, shared_datasets, first, second):
-    task = task_create(slug=first.split(".")[0].replace("_", "-").lower(), name=first)
+    task = task_create(slug=first.split(".")[0].replace("_", "-").lower(), name=first, user=SYSTEM)
     with (shared_datasets / first).open("rb") as handle:
-        dataset = services.dataset_upload(task, handle, original_name=first).dataset
+        dataset = services.dataset_upload(task, handle, original_name=first, user=SYSTEM).dataset
 
     job = train_and_wait(task, [dataset.pk], warm_start=False)
     assert job.state == TrainingJob.State.SUCCEEDED, job.error
@@ -47,7 +48,7 @@ def test_train_on_real_files(celery_worker_process, shared_datasets, first, seco
     if second is None:
         return
     with (shared_datasets / second).open("rb") as handle:
-        newer = services.dataset_upload(task, handle, original_name=second).dataset
+        newer = services.dataset_upload(task, handle, original_name=second, user=SYSTEM).dataset
     job = train_and_wait(task, [newer.pk], warm_start=True)
     assert job.state == TrainingJob.State.SUCCEEDED, job.error
     retrained = AdapterVersion.objects.get(pk=job.version_id)

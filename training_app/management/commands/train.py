@@ -5,6 +5,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
+from adapters_app.roles import SYSTEM
 from adapters_app.services import ServiceError, task_get
 from training_app import services
 from training_app.models import TrainingJob
@@ -40,7 +41,12 @@ class Command(BaseCommand):
 
         try:
             job = services.training_start(
-                task_get(task), dataset_ids=dataset, warm_start=warm, hyperparameters=hyperparameters, enqueue=False
+                task_get(task),
+                dataset_ids=dataset,
+                warm_start=warm,
+                hyperparameters=hyperparameters,
+                enqueue=False,
+                user=SYSTEM,
             )
         except ServiceError as error:
             raise CommandError(error.message) from error
