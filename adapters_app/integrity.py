@@ -4,12 +4,11 @@ A version's files are immutable once it is ready, and `AdapterVersion.sha256` is
 its safetensors file. When serving or `manage.py verify_adapters` finds the files missing,
 unreadable or changed, the version becomes `broken`: it is never served nor activated, and a
 task whose active version is broken rejects its requests instead of serving them with the bare
-base. This module reads files with hashlib only, so it never imports torch.
+base. It hashes files with serving.checksum, which never imports torch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,21 +21,13 @@ from django.utils.translation import gettext as _
 
 from .audit import audit_record
 from .models import AdapterVersion, Task
+from .serving.checksum import file_sha256
 from .roles import Actor
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-HASH_CHUNK_BYTES = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def adapter_root_available() -> bool:

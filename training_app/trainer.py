@@ -7,7 +7,6 @@ command or a test can call it directly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from adapters_app.serving.checksum import file_sha256
 from adapters_app.serving.base import BaseModel, BaseModelError, load_base_model, state_dict_hash
 from training_app.trainer_config import ConfigError, TrainingConfig
 from training_app.trainer_data import (
@@ -591,7 +591,7 @@ def _save_atomically(
     try:
         peft_model.save_pretrained(temporary_dir)
         weights_path = temporary_dir / ADAPTER_WEIGHTS_FILE
-        result.adapter_sha256 = _file_sha256(weights_path)
+        result.adapter_sha256 = file_sha256(weights_path)
         result.adapter_bytes = weights_path.stat().st_size
 
         # Removing the LoRA layers without merging gives back the base modules under their
@@ -633,7 +633,7 @@ def _training_record(
         parent_weights = Path(init_adapter_dir) / ADAPTER_WEIGHTS_FILE
         parent = {
             "name": Path(init_adapter_dir).name,
-            "adapter_sha256": _file_sha256(parent_weights) if parent_weights.is_file() else None,
+            "adapter_sha256": file_sha256(parent_weights) if parent_weights.is_file() else None,
         }
 
     record = result.to_dict()
@@ -655,11 +655,3 @@ def _training_record(
         }
     )
     return record
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -9,7 +9,6 @@ so that a bad file fails here, with a readable message, instead of inside a forw
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from .base import TARGETABLE_MODULES, BaseModel
+from .checksum import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ UNSUPPORTED_OPTIONS = (
     "target_parameters",
     "layer_replication",
 )
-
-HASH_CHUNK_BYTES = 1 << 20
 
 
 class AdapterError(ValueError):
@@ -144,15 +142,6 @@ class LoadedAdapter:
 
 def tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def file_sha256(path: Path) -> str:
-    """Return the hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_adapter(

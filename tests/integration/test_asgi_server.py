@@ -8,10 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from django.conf import settings
 
 from tests.integration.conftest import REPO_ROOT, _worker_environment
 
