@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
 from django.utils.translation import gettext as _
 
 from . import metrics
@@ -512,13 +512,30 @@ async def asubmit(
     """`submit` for async views, in a worker thread because reading a cold adapter blocks.
 
     A damaged adapter is recorded through Django's thread for database work, the one every
-    other query of the view uses.
+    other query of the view uses. Once submitted, the requests only wait for tokens, so that
+    thread's database connection is closed (see release_database_connection).
     """
     try:
-        return await asyncio.to_thread(_submit_group, admissions, prompt, on_tokens)
+        handles = await asyncio.to_thread(_submit_group, admissions, prompt, on_tokens)
     except Exception as error:
         refusal = await sync_to_async(_report_submit_failure)(admissions, error)
         raise _submit_failure(admissions, error, refusal) from error
+
+    await sync_to_async(release_database_connection)()
+    return handles
+
+
+def release_database_connection() -> None:
+    """Close the calling thread's database connection before a request waits for its tokens.
+
+    Under ASGI, Django runs each request's database work in a thread of its own, so every
+    request in flight keeps a connection until its response ends, for the whole generation.
+    200 waiting completions then opened 200 PostgreSQL connections, over the server's default
+    limit of 100, and the next requests failed with 500. A later query opens a new connection.
+    """
+    # Inside a transaction (ATOMIC_REQUESTS, or a test case) the connection must stay open.
+    if not connection.in_atomic_block:
+        connection.close()
 
 
 async def await_completion(admission: Admission, handle: GenerationHandle) -> Completion:

@@ -124,7 +124,17 @@ TEMPLATES = [
 # Database: SQLite under var/ unless DATABASE_URL names another one (Postgres in production).
 DATABASE_URL = env_str("DATABASE_URL", "")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    # Under ASGI every request runs its queries in a thread of its own, with a connection of its
+    # own, so 200 requests arriving together opened 200 connections, over PostgreSQL's default
+    # limit of 100 (bench/load.py). A pool bounds the connections of each process, and a request
+    # waits up to 30 s for a free one. Pools require conn_max_age=0.
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": env_int("LORAWEB_DB_POOL_SIZE", 10, minimum=1),
+            "timeout": 30,
+        }
 else:
     SQLITE_PATH = env_path("LORAWEB_SQLITE_PATH", VAR_DIR / "loraweb.sqlite3")
     DATABASES = {
@@ -191,7 +201,6 @@ LORAWEB_BASE_MODEL = env_str("LORAWEB_BASE_MODEL", "gpt2")
 # Folder in which `prepare_base_model` builds the tiny offline GPT-2 when the configured base is missing.
 LORAWEB_TINY_MODEL_DIR = env_path("LORAWEB_TINY_MODEL_DIR", VAR_DIR / "models" / "tiny-gpt2")
 LORAWEB_DEVICE = env_str("LORAWEB_DEVICE", "cpu")
-LORAWEB_TORCH_THREADS = env_int("LORAWEB_TORCH_THREADS", 0, minimum=0)
 
 # Adapter cache of each serving process.
 LORAWEB_ADAPTER_CACHE_MAX_ADAPTERS = env_int("LORAWEB_ADAPTER_CACHE_MAX_ADAPTERS", 32, minimum=1)
@@ -223,6 +232,14 @@ if LORAWEB_BATCH_WINDOW_MS < 0:
 LORAWEB_ROLE = env_str("LORAWEB_ROLE", "all")
 if LORAWEB_ROLE not in {"all", "dashboard", "inference"}:
     raise ImproperSetting(f"LORAWEB_ROLE={LORAWEB_ROLE!r} is invalid; use all, dashboard or inference")
+
+# With the role "all", the web server and a training worker usually share one machine. When
+# both used torch's default of one thread per core, completions became more than ten times
+# slower while a job trained, so each process takes half the cores unless told otherwise.
+# 0 leaves torch's default, which suits a machine that runs one role alone.
+LORAWEB_TORCH_THREADS = env_int(
+    "LORAWEB_TORCH_THREADS", max(1, (os.cpu_count() or 2) // 2) if LORAWEB_ROLE == "all" else 0, minimum=0
+)
 LORAWEB_ADAPTER_ROOT = env_path("LORAWEB_ADAPTER_ROOT", VAR_DIR / "adapters")
 
 # Training jobs: a job whose heartbeat is older than this is marked failed by the sweeper.
