@@ -391,6 +391,11 @@ def http_environment(work: Path, base_dir: Path) -> dict[str, str]:
             "LORAWEB_MAX_NEW_TOKENS": str(NEW_TOKENS),
             "LORAWEB_LOG_LEVEL": "WARNING",
             "LORAWEB_ROLE": "all",
+            # The server runs alone here, so it gets the engine's threads, not the half of the
+            # cores that the role "all" defaults to for sharing a machine with a worker.
+            "LORAWEB_TORCH_THREADS": str(torch.get_num_threads()),
+            # This compares the web layer with the engine, so one user sends every request.
+            "LORAWEB_RATE_LIMIT_COMPLETIONS": "off",
         }
     )
     return env
@@ -412,7 +417,10 @@ def prepare_http_database(env: dict[str, str], adapters: list[tuple[str, Path]],
     from adapters_app.services import api_token_create, task_create, version_activate
 
     call_command("migrate", verbosity=0)
+    from django.contrib.auth.models import Group
+
     user = get_user_model().objects.create_user("bench", password="bench-only-password")
+    user.groups.add(Group.objects.get(name="viewer"))  # completions need the viewer role
     adapter_root = Path(settings.LORAWEB_ADAPTER_ROOT)
     for index in range(HTTP_TASKS):
         task = task_create(slug=f"task-{index}", name=f"Task {index}", user=SYSTEM)

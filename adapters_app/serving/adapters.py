@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,10 @@ class LoadedAdapter:
     use_rslora: bool = False
     sha256: str = ""
     source: str = ""
+    # Plans of batches in which every row uses this adapter, by (rows, device, dtype). Their
+    # factors are views of this adapter's own tensors, so they cost no memory, and they go
+    # away with the adapter when the cache evicts it.
+    single_adapter_plans: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def tensor_nbytes(tensor: torch.Tensor) -> int:

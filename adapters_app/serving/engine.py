@@ -359,7 +359,17 @@ class Engine:
         keys = tuple(None if adapter is None else adapter.key for adapter in row_adapters)
         if self._last_plan is not None and self._last_plan[0] == keys:
             return self._last_plan[1]
-        plan = build_batch_plan(row_adapters, device=self.base.device, dtype=self.dtype)
+        first = row_adapters[0] if row_adapters else None
+        if first is not None and all(key == first.key for key in keys):
+            # One adapter for every row, as in a single stream: switching between cached
+            # adapters then costs a dict lookup instead of a plan over every module.
+            plan_key = (len(keys), str(self.base.device), self.dtype)
+            plan = first.single_adapter_plans.get(plan_key)
+            if plan is None:
+                plan = build_batch_plan(row_adapters, device=self.base.device, dtype=self.dtype)
+                first.single_adapter_plans[plan_key] = plan
+        else:
+            plan = build_batch_plan(row_adapters, device=self.base.device, dtype=self.dtype)
         self._last_plan = (keys, plan)
         return plan
 

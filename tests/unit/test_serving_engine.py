@@ -346,6 +346,23 @@ def test_cache_hit_reported(engine: Engine, adapter_dirs: dict[str, Path]) -> No
     assert "rank4-cache-test" in engine.cache
 
 
+def test_single_adapter_plan_reused_after_switch(engine: Engine, adapter_dirs: dict[str, Path]) -> None:
+    first, _ = engine.load_adapter(request_for(adapter_dirs, "rank4", "a"))
+    second, _ = engine.load_adapter(request_for(adapter_dirs, "rank8", "b"))
+
+    plan = engine.plan_for([first])
+    engine.plan_for([second])
+    again = engine.plan_for([first])
+    mixed = engine.plan_for([first, second])
+
+    assert again is plan
+    assert mixed is not plan
+    assert mixed.batch_size == 2
+    # The cached plan reads the adapter's own factors rather than a copy.
+    path = next(iter(plan.modules))
+    assert plan.modules[path].a_t.data_ptr() == first.modules[path].a_t.data_ptr()
+
+
 def test_base_hash_unchanged_after_serving(
     tiny_base_dir: Path, adapter_dirs: dict[str, Path]
 ) -> None:
