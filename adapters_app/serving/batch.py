@@ -153,17 +153,16 @@ class RunningBatch:
         # deprecated alias) and grows a DynamicCache in place, one layer entry per block.
         self.kv_cache = DynamicCache(config=engine.base.model.config)
         self.attention_mask = attention_mask.to(device)
-        output = engine.forward(
+        logits = engine.next_token_logits(
             self.row_adapters,
             input_ids=input_ids.to(device),
             attention_mask=self.attention_mask,
             position_ids=position_ids.to(device),
             cache=self.kv_cache,
-            logits_to_keep=1,
         )
         self.forward_passes += 1
         self.next_positions = position_ids[:, -1].to(device) + 1  # [batch]
-        self._sample(output.logits[:, -1, :])
+        self._sample(logits)
 
     def step(self) -> None:
         """Feed each row's last sampled token and sample the next one."""
@@ -173,7 +172,7 @@ class RunningBatch:
         tokens = torch.tensor([[row.next_token] for row in self.rows], dtype=torch.long)  # [batch, 1]
         ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=device)
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
-        output = self.engine.forward(
+        logits = self.engine.next_token_logits(
             self.row_adapters,
             input_ids=tokens.to(device),
             attention_mask=self.attention_mask,
@@ -182,7 +181,7 @@ class RunningBatch:
         )
         self.forward_passes += 1
         self.next_positions = self.next_positions + 1
-        self._sample(output.logits[:, -1, :])
+        self._sample(logits)
 
     def absorb(self, other: RunningBatch) -> None:
         """Append the rows of `other` (prefilled, not yet finished) to this batch and empty it.
