@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import pgettext
 
 # Task slugs are also model names in the completions API (`slug` or `slug@v3`), so they
 # must not contain "@" and should read well in a URL.
@@ -248,4 +249,8 @@ class ApiToken(models.Model):
         return "active"
 
     def get_state_display(self) -> str:
-        return {"revoked": _("revoked"), "expired": _("expired"), "active": _("active")}[self.state]
+        return {
+            "revoked": pgettext("token state", "revoked"),
+            "expired": pgettext("token state", "expired"),
+            "active": pgettext("token state", "active"),
+        }[self.state]

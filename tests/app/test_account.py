@@ -55,10 +55,27 @@ def test_create_token_shows_secret_once(viewer_user):
     days = (token.expires_at - timezone.now()).total_seconds() / 86400
     assert 29.9 < days <= 30
 
+    # The header hint names a placeholder that survives HTML rendering.
+    assert "Authorization: Bearer TOKEN" in response.content.decode()
+
     listing = client.get("/accounts/").content.decode()
     assert secret not in listing
     assert "nightly eval" in listing
     assert f"{token.prefix}…" in listing
+
+
+def test_token_states_in_chinese(viewer_user):
+    from adapters_app.services import api_token_revoke
+
+    client = browser(viewer_user)
+    client.post("/accounts/", {"name": "old", "lifetime": "never"})
+    api_token_revoke(ApiToken.objects.get(user=viewer_user), user=viewer_user)
+
+    page = client.get("/accounts/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+
+    assert "已吊销" in page
+    assert "从未使用" in page
+    assert "永不过期" in page
 
 
 def test_created_token_acts_with_user_role(viewer_user):

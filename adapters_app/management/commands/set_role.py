@@ -23,7 +23,7 @@ class Command(BaseCommand):
     def handle(self, *args, username: str, role: str, **options):
         user = get_user_model().objects.filter(username=username).first()
         if user is None:
-            raise CommandError(f"No user named {username!r}; create it first (python manage.py createsuperuser or the admin).")
+            raise CommandError(f"No user named {username!r}; create it first in Django admin (Users, then Add user).")
 
         groups = {group.name: group for group in Group.objects.filter(name__in=ROLE_GROUP_NAMES)}
         missing = sorted(set(ROLE_GROUP_NAMES) - set(groups))
