@@ -35,7 +35,7 @@ router = Router(tags=["openai"])
 class CompletionIn(Schema):
     model: str
     # The schema documents what the server checks with its own messages: a prompt has a character
-    # that is not a space, and a list holds exactly one prompt.
+    # that is not a space, and a list contains exactly one prompt.
     prompt: Annotated[str, Field(json_schema_extra={"pattern": r"\S"})] | Annotated[
         list[Annotated[str, Field(json_schema_extra={"pattern": r"\S"})]],
         Field(json_schema_extra={"minItems": 1, "maxItems": 1}),

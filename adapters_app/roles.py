@@ -2,7 +2,7 @@
 
 Services call `require_role` before they change anything, so a view, the API, the admin or a
 management command cannot skip the check by forgetting it in a template or a decorator.
-A superuser has every role. A user in no group has none and sees only the login page.
+A superuser has every role. A user in no group has no role and gets "Access denied" on every page.
 
 Management commands that act for the installation itself (`demo`, `train`, `create_api_token`)
 pass `SYSTEM` as the user. Web callers always pass `request.user`, so a missing user (None)

@@ -60,7 +60,7 @@ return {0, tonumber(oldest[2]) + window - now}
 
 # A rate limit check must not hold a request up for long when Redis is slow or gone.
 REDIS_TIMEOUT_S = 0.5
-# Log the fail-open warning at most once per this many seconds per process.
+# Seconds between two fail-open warnings of one process.
 WARNING_INTERVAL_S = 60.0
 
 _clients: dict[str, tuple[redis.Redis, object]] = {}

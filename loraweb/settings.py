@@ -235,7 +235,8 @@ if LORAWEB_ROLE not in {"all", "dashboard", "inference"}:
 
 # With the role "all", the web server and a training worker usually share one machine. When
 # both used torch's default of one thread per core, completions became more than ten times
-# slower while a job trained, so each process takes half the cores unless told otherwise.
+# slower while a job trained, so each process takes half the cores unless
+# LORAWEB_TORCH_THREADS is set.
 # 0 leaves torch's default, which suits a machine that runs one role alone.
 LORAWEB_TORCH_THREADS = env_int(
     "LORAWEB_TORCH_THREADS", max(1, (os.cpu_count() or 2) // 2) if LORAWEB_ROLE == "all" else 0, minimum=0

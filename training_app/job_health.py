@@ -1,4 +1,4 @@
-"""What keeps a training job from being lost: its heartbeat, and a look into the broker's queue.
+"""Liveness checks of training jobs: the worker's heartbeat and a look into the broker's queue.
 
 The sweeper (`services.sweep_stale_jobs`) reads both: a running job whose heartbeat stopped
 lost its worker, and a queued job whose message is no longer in the broker was lost with

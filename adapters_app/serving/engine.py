@@ -382,7 +382,7 @@ class Engine:
     def next_token_logits(self, row_adapters: Sequence[LoadedAdapter | None], **inputs: Any) -> torch.Tensor:
         """Run a batch whose row i uses `row_adapters[i]` and return its last positions' logits.
 
-        The result is [batch, vocab]. The caller holds `lock`. Only the last position feeds
+        The result is [batch, vocab]. The caller must hold `lock`. Only the last position feeds
         sampling, so the output projection runs on that position alone.
         """
         plan = self.plan_for(row_adapters)
